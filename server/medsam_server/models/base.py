@@ -1,0 +1,189 @@
+"""One interface for every model family and backend.
+
+Like segment-anything's ``SamPredictor``: :meth:`PromptableModel.embed` is the one
+expensive step (image encoder, once per slice), :meth:`PromptableModel.decode` the
+cheap one (prompt encoder + mask decoder, many boxes over many slices in one call).
+
+A *runtime* does the tensor work (torch modules or ONNX Runtime sessions); the
+*recipe* (``preprocess.Recipe``) does the model family's pre- and post-processing.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..preprocess import Recipe, check_box, to_uint8
+
+EMBEDDING_SHAPE = (256, 64, 64)
+
+# Prompt labels as SAM's prompt encoder numbers its learned embeddings.
+LABEL_PAD, LABEL_BACKGROUND, LABEL_FOREGROUND, LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT = -1, 0, 1, 2, 3
+
+
+class PromptedMaskDecoder(nn.Module):
+    """SAM's prompt encoder + mask decoder as one graph over a batch of (embedding, prompt) pairs.
+
+    Inputs: ``embeddings`` (N, 256, 64, 64); ``coords`` (N, K, 2) as (x, y) in model
+    pixels; ``labels`` (N, K) with -1 padding, 0/1 background/foreground points and
+    2/3 box corners. Output: low-res mask logits (N, 1, 256, 256).
+
+    Unlike upstream ``MaskDecoder.predict_masks``, embedding i pairs with prompt i
+    (upstream repeats one image embedding per prompt), so one call decodes many
+    slices. Box corners with labels 2/3 give exactly the sparse embedding of
+    ``PromptEncoder(boxes=...)``; the same module is exported to ONNX, so both
+    backends share it.
+    """
+
+    def __init__(self, prompt_encoder: nn.Module, mask_decoder: nn.Module):
+        super().__init__()
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+
+    def forward(self, embeddings: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        pe = self.prompt_encoder
+        dec = self.mask_decoder
+        n = embeddings.shape[0]
+        sparse = pe.pe_layer.forward_with_coords(coords + 0.5, pe.input_image_size)  # (N, K, 256)
+        lab = labels.unsqueeze(-1)
+        sparse = torch.where(lab == LABEL_PAD, pe.not_a_point_embed.weight.reshape(1, 1, -1), sparse)
+        for label in (LABEL_BACKGROUND, LABEL_FOREGROUND, LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT):
+            sparse = sparse + (lab == label).to(sparse.dtype) * pe.point_embeddings[label].weight.reshape(1, 1, -1)
+        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, *embeddings.shape[-2:])
+
+        output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(n, -1, -1), sparse], dim=1)
+        src = embeddings + dense
+        pos_src = pe.get_dense_pe().expand(n, -1, -1, -1)
+        b, c, h, w = src.shape
+        hs, src = dec.transformer(src, pos_src, tokens)
+        first_mask_token = hs[:, 1, :]  # multimask_output=False: MedSAM uses mask token 0 only
+        upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        hyper = dec.output_hypernetworks_mlps[0](first_mask_token)  # (N, C')
+        b, c, h, w = upscaled.shape
+        return (hyper.unsqueeze(1) @ upscaled.reshape(b, c, h * w)).reshape(b, 1, h, w)
+
+
+class Runtime(Protocol):
+    """Tensor work of one model on one device: torch modules or ONNX Runtime sessions."""
+
+    device: str
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """(N, 3, S, S) float32 model input -> (N, 256, 64, 64) float32 embeddings."""
+
+    def decode(self, embeddings: np.ndarray, coords: np.ndarray, labels: np.ndarray) -> torch.Tensor:
+        """Embeddings, coords (N, K, 2) in model pixels, labels (N, K) -> (N, 1, 256, 256) logits (CPU)."""
+
+
+class TorchRuntime:
+    def __init__(self, encoder: nn.Module, decoder: PromptedMaskDecoder, device: str, autocast_bf16: bool = False):
+        self.device = device
+        self.encoder = encoder.to(device).eval()
+        self.decoder = decoder.to(device).eval()
+        # bf16 autocast only where it helps: a CUDA device (CPU bf16 matmuls are slower here).
+        self.autocast_bf16 = autocast_bf16 and device.startswith("cuda")
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast_bf16)
+
+    @torch.inference_mode()
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        with self._autocast():
+            out = self.encoder(torch.from_numpy(images).to(self.device))
+        return out.float().cpu().numpy()
+
+    @torch.inference_mode()
+    def decode(self, embeddings: np.ndarray, coords: np.ndarray, labels: np.ndarray) -> torch.Tensor:
+        emb = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32)).to(self.device)
+        with self._autocast():
+            logits = self.decoder(emb, torch.from_numpy(coords.astype(np.float32)).to(self.device),
+                                  torch.from_numpy(labels.astype(np.int64)).to(self.device))
+        return logits.float().cpu()
+
+
+class PromptableModel:
+    """A box (and optional points) on a slice in, a mask probability out.
+
+    Slices reach :meth:`embed` as view pixels already mapped to [0, 255]
+    (``preprocess.to_uint8``); boxes reach :meth:`decode` in the same view pixels.
+    """
+
+    def __init__(self, name: str, recipe: Recipe, runtime: Runtime, encoder_batch: int = 4):
+        self.name = name
+        self.recipe = recipe
+        self.runtime = runtime
+        self.encoder_batch = encoder_batch
+
+    @property
+    def device(self) -> str:
+        return self.runtime.device
+
+    def embed(self, slices: Sequence[np.ndarray]) -> np.ndarray:
+        """List of (H, W) or (H, W, 3) uint8 slices -> (N, 256, 64, 64) float32, encoded in batches."""
+        inputs = []
+        for index, image in enumerate(slices):
+            try:
+                inputs.append(self.recipe.image_to_input(np.asarray(image)))
+            except InputError as err:
+                raise InputError(f"slice {index} of the batch: {err}") from None
+        out = np.empty((len(inputs), *EMBEDDING_SHAPE), dtype=np.float32)
+        for start in range(0, len(inputs), self.encoder_batch):
+            batch = np.stack(inputs[start:start + self.encoder_batch])
+            out[start:start + len(batch)] = self.runtime.encode(batch)
+        return out
+
+    def decode(
+        self,
+        embeddings: np.ndarray,
+        boxes: np.ndarray,
+        image_shape: tuple[int, int],
+        points: Optional[np.ndarray] = None,
+        point_labels: Optional[np.ndarray] = None,
+    ) -> np.ndarray:
+        """Decode box i (and points i) on embedding i, all in one call.
+
+        Args:
+            embeddings: (N, 256, 64, 64) from :meth:`embed`.
+            boxes: (N, 4) inclusive ``[x_min, y_min, x_max, y_max]`` in view pixels, already valid.
+            image_shape: (H, W) of the view slices (all N share it).
+            points: optional (N, P, 2) (x, y) in view pixels; ``point_labels`` (N, P) 1 = inside,
+                0 = outside, -1 = padding.
+        Returns: (N, H, W) float32 probabilities.
+        """
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 2, 2)
+        n = len(boxes)
+        if len(embeddings) != n:
+            raise InputError(f"{len(embeddings)} embeddings but {n} boxes: decode pairs them one to one")
+        coords = self.recipe.coords_to_input(boxes, image_shape)
+        labels = np.tile([LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT], (n, 1))
+        if points is not None:
+            pts = np.asarray(points, dtype=np.float64).reshape(n, -1, 2)
+            lab = np.ones(pts.shape[:2], dtype=np.int64) if point_labels is None else np.asarray(point_labels).reshape(n, -1)
+            # SAM's order: points first, then the box corners.
+            coords = np.concatenate([self.recipe.coords_to_input(pts, image_shape), coords], axis=1)
+            labels = np.concatenate([lab, labels], axis=1)
+        logits = self.runtime.decode(embeddings, coords, labels)
+        return self.recipe.logits_to_probabilities(logits, image_shape).numpy()
+
+    def segment(self, image2d: np.ndarray, box: Sequence[float], window="auto") -> np.ndarray:
+        """Convenience: one (H, W) or (H, W, 3) image and one box in its pixels -> (H, W) bool mask.
+
+        Grayscale images are mapped by ``window``; RGB images by their min-max. A box
+        partly outside the image is clipped with a warning.
+        """
+        image = np.asarray(image2d)
+        rgb = image.ndim == 3 and image.shape[-1] == 3
+        if image.ndim != 2 and not rgb:
+            raise InputError(f"segment takes a 2D image (H, W) or (H, W, 3); got shape {image.shape}")
+        image_u8, _ = to_uint8(image, window, rgb=rgb)
+        clipped, note = check_box(box, image.shape[:2])
+        if note:
+            warnings.warn(note, stacklevel=2)
+        probabilities = self.decode(self.embed([image_u8]), clipped[None], image.shape[:2])
+        return probabilities[0] > 0.5
