@@ -287,7 +287,8 @@ def medsam_probabilities(logits: torch.Tensor, shape: tuple[int, int]) -> torch.
 def _litemedsam_resized_shape(shape: tuple[int, int]) -> tuple[int, int]:
     rows, cols = shape
     scale = 256.0 / max(rows, cols)
-    return int(rows * scale + 0.5), int(cols * scale + 0.5)
+    # At least one row/column: upstream's rounding gives 0 (and OpenCV fails) beyond a 512:1 aspect.
+    return max(1, int(rows * scale + 0.5)), max(1, int(cols * scale + 0.5))
 
 
 def litemedsam_input(image_u8: np.ndarray) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""Slicer-independent parts of the MedSAMSlicer module: no qt, no torch, so they run headless."""

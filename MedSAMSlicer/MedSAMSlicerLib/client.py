@@ -1,0 +1,474 @@
+"""HTTP client of the MedSAM server (``medsam serve``): stdlib (urllib) + numpy only.
+
+It runs inside Slicer's Python, where nothing else is installed, and knows nothing
+of torch. Typical use::
+
+    client = MedSAMClient("http://127.0.0.1:8765", token=token)
+    client.check_compatible()                       # VersionMismatch if the server speaks another API
+    session = client.upload_volume(array, spacing, origin, direction)   # array (k, j, i) or (k, j, i, 3)
+    job = client.prefetch(session, axis=2, window="ct-lung", around=40)  # embeddings in the background
+    masks = client.segment(session, [{"slice": 40, "box": [10, 20, 60, 90]}], axis=2, window="ct-lung")
+    offset, labels, summary = client.annotate(session, document, progress=print, cancel=event)
+    client.delete(session)
+
+Frames: volumes are numpy (k, j, i[, 3]); spacing (i, j, k) mm; origin and direction
+LPS as SimpleITK reports them (direction 3x3, columns the i, j, k axes); boxes
+``[u_min, v_min, u_max, v_max]`` in slice voxels as in the prompt document (for
+axis 2, u = i and v = j); a mask is (rows = v, cols = u); an annotate block is
+(k, j, i) at IJK offset (i0, j0, k0).
+
+Errors a user can act on, all :class:`MedSAMClientError` (a RuntimeError):
+:class:`ServerNotRunning` (refused, lost or silent connection), :class:`AuthError`,
+:class:`VersionMismatch`, :class:`RequestTooLarge`, :class:`UnknownSession` (expired:
+upload again), :class:`Cancelled`, and :class:`ServerError` with the server's message.
+A failed or cancelled ``annotate`` returns nothing, so a caller never applies half a result.
+
+The binary envelope is coded here a second time (``medsam_server.wire`` is the
+reference; Slicer has no ``medsam_server``); the server's tests check both ways.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import socket
+import struct
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+API_VERSION = 1  # must equal medsam_server.API_VERSION
+ENVELOPE_TYPE = "application/vnd.medsam.array"
+MAGIC = b"MSW1"
+API_VERSION_HEADER = "X-MedSAM-API"
+SESSION_KEY_HEADER = "X-MedSAM-Session-Key"
+IMAGE_DTYPES = ("uint8", "int8", "uint16", "int16", "int32", "float32", "float64")
+LABEL_DTYPES = ("uint8", "uint16")
+DEFAULT_URL = "http://127.0.0.1:8765"
+MAX_RESPONSE_BYTES = 4 << 30  # an answer larger than this is not one of ours
+
+
+class MedSAMClientError(RuntimeError):
+    """Base of every error this client raises; the message says what to do."""
+
+
+class ServerNotRunning(MedSAMClientError):
+    """The server cannot be reached, stopped answering, or dropped the connection."""
+
+
+class AuthError(MedSAMClientError):
+    """No token, or the wrong one."""
+
+
+class VersionMismatch(MedSAMClientError):
+    """Client and server speak different API versions."""
+
+
+class RequestTooLarge(MedSAMClientError):
+    """The request is over the server's limits (``medsam serve --max-upload-mb``)."""
+
+
+class Cancelled(MedSAMClientError):
+    """The caller cancelled; nothing was returned."""
+
+
+class ServerError(MedSAMClientError):
+    """The server refused or failed a request; ``status`` and ``code`` say how."""
+
+    def __init__(self, status: int, message: str, code: str = ""):
+        super().__init__(f"server error {status}: {message}")
+        self.status, self.code, self.server_message = status, code, message
+
+
+class UnknownSession(ServerError):
+    """The session expired, was deleted, or belongs to someone else: upload the volume again."""
+
+
+@dataclass(frozen=True)
+class Session:
+    """Handle of an uploaded volume; ``key`` is the secret that proves it is ours."""
+
+    id: str
+    key: str
+    shape: tuple  # (k, j, i) or (k, j, i, 3)
+    digest: str
+
+
+class Masks(dict):
+    """``{slice index: (rows, cols) bool mask}`` of a segment call; ``notes`` has the server's remarks."""
+
+    notes: list
+
+
+# ------------------------------------------------------------------ the envelope (see medsam_server.wire)
+
+
+def encode_envelope(header: dict, array: Optional[np.ndarray] = None, level: int = 1) -> bytes:
+    """MAGIC | uint32 big-endian JSON length | JSON header | zlib(raw little-endian C-order bytes)."""
+    header = dict(header)
+    payload = b""
+    if array is not None:
+        array = np.asarray(array)
+        little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        header["array"] = {**header.get("array", {}), "dtype": array.dtype.name, "shape": list(array.shape),
+                           "compression": "zlib"}
+        payload = zlib.compress(little.data, level)
+    text = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    return MAGIC + struct.pack(">I", len(text)) + text + payload
+
+
+def decode_envelope(body: bytes, dtypes: Sequence[str] = IMAGE_DTYPES) -> tuple[dict, Optional[np.ndarray]]:
+    """Envelope bytes -> (header, array or None); ValueError if they break the format."""
+    if len(body) < 8 or body[:4] != MAGIC:
+        raise ValueError("the answer is not a MedSAM array envelope")
+    (length,) = struct.unpack(">I", body[4:8])
+    if len(body) < 8 + length:
+        raise ValueError("the answer is truncated")
+    header = json.loads(body[8:8 + length].decode("utf-8"))
+    meta = header.get("array") if isinstance(header, dict) else None
+    if meta is None:
+        return header, None
+    if meta.get("dtype") not in dtypes or meta.get("compression", "zlib") not in ("zlib", "gzip"):
+        raise ValueError(f"unexpected array {meta.get('dtype')!r} / {meta.get('compression')!r} in the answer")
+    shape = tuple(int(n) for n in meta["shape"])
+    dtype = np.dtype(meta["dtype"]).newbyteorder("<")
+    expected = math.prod(shape) * dtype.itemsize
+    if any(n < 0 for n in shape) or expected > MAX_RESPONSE_BYTES:
+        raise ValueError(f"the answer declares an impossible shape {shape}")
+    decompressor = zlib.decompressobj(wbits=31 if meta.get("compression") == "gzip" else 15)
+    data = decompressor.decompress(body[8 + length:], expected + 1)  # never more than declared (+1 to notice)
+    if len(data) != expected or not decompressor.eof or decompressor.unused_data:
+        raise ValueError(f"the answer's data does not match its declared shape {shape} of {meta['dtype']}")
+    array = np.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+    return header, array.astype(dtype.newbyteorder("="), copy=False)
+
+
+def wire_array(array: np.ndarray) -> np.ndarray:
+    """A volume in a dtype the server accepts: exact conversions only (bool, wide ints that fit, float16)."""
+    array = np.asarray(array)
+    if array.dtype.name in IMAGE_DTYPES:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8)
+    if array.dtype == np.float16:
+        return array.astype(np.float32)
+    if np.issubdtype(array.dtype, np.integer) and array.size:
+        low, high = int(array.min()), int(array.max())
+        for name in ("uint8", "int16", "uint16", "int32"):
+            info = np.iinfo(name)
+            if info.min <= low and high <= info.max:
+                return array.astype(name)
+    raise ValueError(f"a volume of {array.dtype} cannot be sent as is; the server takes {', '.join(IMAGE_DTYPES)}")
+
+
+# ------------------------------------------------------------------ the client
+
+
+class MedSAMClient:
+    """Talks to one server. Thread-safe: one client may serve a UI thread and a worker thread.
+
+    ``timeout`` is per request (a ``segment`` on an uncached slice waits for the
+    encoder); ``retries`` reconnect attempts, with doubling ``backoff`` seconds, are
+    made while the connection is *refused* (a server that is starting); a request
+    that was sent is never repeated.
+    """
+
+    def __init__(self, url: str = DEFAULT_URL, token: Optional[str] = None, timeout: float = 300.0,
+                 retries: int = 3, backoff: float = 0.25, poll_interval: float = 0.5):
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"the server URL must look like http://host:port, got {url!r}")
+        self.url = url.rstrip("/")
+        self.token = token or None
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.poll_interval = poll_interval
+        handlers = []
+        if parsed.hostname in ("127.0.0.1", "localhost", "::1"):
+            handlers.append(urllib.request.ProxyHandler({}))  # a system proxy must not see loopback traffic
+        self._opener = urllib.request.build_opener(*handlers)
+        self._info: Optional[dict] = None
+        self._lock = threading.Lock()
+
+    # -------------------------------------------------------------- server
+
+    def health(self) -> dict:
+        return self._json("GET", "/health", what="the health check")
+
+    def info(self) -> dict:
+        """Versions, model, device, cache and worker statistics, and the server's limits."""
+        info = self._json("GET", "/info", what="the info request")
+        with self._lock:
+            self._info = info
+        return info
+
+    def check_compatible(self) -> dict:
+        """``info()``, or VersionMismatch when the server speaks another API version."""
+        info = self.info()
+        version = info.get("api_version")
+        if version != API_VERSION:
+            newer = "the Slicer extension" if isinstance(version, int) and version > API_VERSION else "the server"
+            raise VersionMismatch(f"the MedSAM server at {self.url} speaks API version {version}, this client "
+                                  f"version {API_VERSION}: update {newer}")
+        return info
+
+    # -------------------------------------------------------------- sessions
+
+    def upload_volume(self, array: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0),
+                      origin: Sequence[float] = (0.0, 0.0, 0.0), direction: Any = None) -> Session:
+        """Send a volume once; returns the session that later calls name.
+
+        ``array`` is (k, j, i) or (k, j, i, 3); a 2D (rows, cols) image is sent as one
+        slice. ``direction`` is 3x3 (or 9 numbers, row-major) LPS, columns the i, j, k
+        axes; it decides the in-plane orientation in which slices reach the model.
+        Sending the same voxels again reuses the embeddings the server still caches.
+        """
+        array = np.asarray(array)
+        if array.ndim == 2:
+            array = array[np.newaxis]
+        if not (array.ndim == 3 or (array.ndim == 4 and array.shape[3] == 3)):
+            raise ValueError(f"a volume is (k, j, i) or (k, j, i, 3), got shape {array.shape}")
+        array = wire_array(array)
+        direction = np.eye(3) if direction is None else np.asarray(direction, dtype=np.float64)
+        meta = {"spacing": [float(v) for v in spacing], "origin": [float(v) for v in origin],
+                "direction": [float(v) for v in direction.reshape(9)]}
+        limits = self._limits()
+        body = encode_envelope({"array": meta}, array)
+        if limits and len(body) > limits.get("max_body_bytes", math.inf):
+            raise RequestTooLarge(f"the volume compresses to {len(body) / 2**20:.1f} MiB; the server accepts at most "
+                                  f"{limits['max_body_bytes'] / 2**20:.1f} MiB (medsam serve --max-upload-mb)")
+        if limits and array.nbytes > limits.get("max_decompressed_bytes", math.inf):
+            raise RequestTooLarge(f"the volume has {array.nbytes / 2**20:.1f} MiB of voxels; the server holds at most "
+                                  f"{limits['max_decompressed_bytes'] / 2**20:.1f} MiB per volume")
+        answer = self._json("POST", "/sessions", body, ENVELOPE_TYPE, what="the upload")
+        return Session(answer["session"], answer["key"], tuple(answer["shape"]), answer["digest"])
+
+    def session_info(self, session: Session) -> dict:
+        return self._json("GET", f"/sessions/{session.id}", session=session, what="the session request")
+
+    def delete(self, session: Session) -> None:
+        """Forget the volume on the server (and its cached embeddings); an unknown session is no error."""
+        try:
+            self._request("DELETE", f"/sessions/{session.id}", session=session, what="the delete")
+        except UnknownSession:
+            pass
+
+    # -------------------------------------------------------------- prefetch
+
+    def prefetch(self, session: Session, axis: int = 2, window: Any = "auto", first: Optional[int] = None,
+                 last: Optional[int] = None, around: Optional[int] = None, orientation: str = "radiological") -> str:
+        """Start embedding slices ``first..last`` (default all; nearest ``around`` first); returns a job id.
+
+        Use the same ``axis``, ``window`` and ``orientation`` as later segment/annotate
+        calls, or their slices will not be found in the cache.
+        """
+        request: dict = {"axis": axis, "window": _window(window), "orientation": orientation}
+        for name, value in (("first", first), ("last", last), ("around", around)):
+            if value is not None:
+                request[name] = int(value)
+        return self._json("POST", f"/sessions/{session.id}/prefetch", _dumps(request), "application/json",
+                          session=session, what="the prefetch")["job"]
+
+    def prefetch_status(self, session: Session, job: str) -> dict:
+        """``{"state": queued|running|done|failed|cancelled, "done": n, "total": m, ...}`` of a job."""
+        return self.job_status(session, job)
+
+    def job_status(self, session: Session, job: str, wait: float = 0.0) -> dict:
+        query = f"?wait={wait:.3f}" if wait > 0 else ""
+        return self._json("GET", f"/sessions/{session.id}/jobs/{urllib.parse.quote(job, safe='')}{query}",
+                          session=session, what="the job status", timeout=self.timeout + wait)
+
+    def cancel(self, session: Session, job: str) -> dict:
+        return self._json("DELETE", f"/sessions/{session.id}/jobs/{urllib.parse.quote(job, safe='')}",
+                          session=session, what="the cancel")
+
+    def wait(self, session: Session, job: str, progress: Optional[Callable[[int, int], Any]] = None,
+             cancel: Optional[threading.Event] = None) -> dict:
+        """Poll a job until it ends; ``progress(done, total)`` on each change. Raises if it failed or was cancelled."""
+        last = None
+        while True:
+            if cancel is not None and cancel.is_set():
+                try:
+                    self.cancel(session, job)
+                except MedSAMClientError:
+                    pass  # cancelling is best effort; the caller gets Cancelled either way
+                raise Cancelled("cancelled; nothing was applied")
+            status = self.job_status(session, job, wait=self.poll_interval)
+            if progress is not None and (status["done"], status["total"]) != last:
+                last = (status["done"], status["total"])
+                progress(*last)
+            if status["state"] == "done":
+                return status
+            if status["state"] == "cancelled":
+                raise Cancelled(f"the server cancelled job {job}; nothing was applied")
+            if status["state"] == "failed":
+                status_code = status.get("error_status") or 500
+                error_class = UnknownSession if status_code == 404 else ServerError
+                raise error_class(status_code, status.get("error") or "the job failed")
+
+    # -------------------------------------------------------------- segmentation
+
+    def segment(self, session: Session, boxes: Sequence[dict], axis: int = 2, window: Any = "auto",
+                orientation: str = "radiological") -> Masks:
+        """Boxes on slices -> ``{slice: (rows, cols) bool mask}``; one box per slice.
+
+        ``boxes`` items: ``{"slice": k, "box": [u_min, v_min, u_max, v_max]}`` plus
+        optional ``"points": [[u, v], ...]`` and ``"point_labels": [1 or 0, ...]``.
+        Cached slices answer in milliseconds; others wait for their embedding only.
+        """
+        request = {"axis": axis, "window": _window(window), "orientation": orientation,
+                   "boxes": [_plain(b) for b in boxes]}
+        _, _, body = self._request("POST", f"/sessions/{session.id}/segment", _dumps(request), "application/json",
+                                   session=session, what="the segment request")
+        header, masks = self._decode(body, ("uint8",))
+        result = Masks({int(s): masks[n].astype(bool) for n, s in enumerate(header["slices"])})
+        result.notes = list(header.get("notes", []))
+        return result
+
+    def annotate(self, session: Session, document: dict, existing: Optional[np.ndarray] = None,
+                 progress: Optional[Callable[[int, int], Any]] = None, cancel: Optional[threading.Event] = None,
+                 **options: Any) -> tuple[tuple[int, int, int], np.ndarray, dict]:
+        """Run a prompt document (DESIGN.md section 4) -> ``(ijk_offset, labels, summary)``.
+
+        ``labels`` is the (k, j, i) block of the changed slices, to be placed at IJK
+        ``ijk_offset`` = (i0, j0, k0); it is the complete answer for its slices along
+        the document's axis (``summary["changed_slices"]`` lists the slices the run
+        wrote). No change gives an empty (0, 0, 0) block. ``existing`` (k, j, i)
+        uint8/uint16 labelmap: the run starts from it and its locked slices stay.
+        ``options``: propagate, fill_holes, largest_component, overwrite,
+        interpolation, orientation, batch_size (as ``medsam annotate``).
+        ``progress(done, total)`` is called as the job advances; setting ``cancel``
+        stops it. Any failure raises, and nothing is returned.
+        """
+        payload = {"document": document, "options": options}
+        if existing is None:
+            body, kind = _dumps(payload), "application/json"
+        else:
+            existing = np.asarray(existing)
+            if existing.dtype.name not in LABEL_DTYPES:
+                if not np.issubdtype(existing.dtype, np.integer) and existing.dtype != np.bool_:
+                    raise ValueError(f"the existing labelmap must hold integer labels, got {existing.dtype}")
+                if existing.size and (existing.min() < 0 or existing.max() > 65535):
+                    raise ValueError("the existing labelmap's labels must lie in 0..65535")
+                existing = existing.astype(np.uint16)
+            body, kind = encode_envelope(payload, existing), ENVELOPE_TYPE
+        job = self._json("POST", f"/sessions/{session.id}/annotate", body, kind, session=session,
+                         what="the annotate request")["job"]
+        try:
+            self.wait(session, job, progress, cancel)
+        except ServerNotRunning as err:
+            raise ServerNotRunning(f"{err} The annotation was not finished; nothing was applied.") from None
+        _, _, result = self._request("GET", f"/sessions/{session.id}/jobs/{job}/result", session=session,
+                                     what="the annotate result")
+        header, labels = self._decode(result, LABEL_DTYPES)
+        summary = header.get("summary", {})
+        if labels is None:
+            return (0, 0, 0), np.zeros((0, 0, 0), dtype=np.uint16), summary
+        offset = tuple(int(v) for v in header["array"].get("offset", (0, 0, 0)))
+        return (offset[0], offset[1], offset[2]), labels, summary
+
+    # -------------------------------------------------------------- HTTP
+
+    def _limits(self) -> dict:
+        with self._lock:
+            known = self._info
+        if known is None:
+            known = self.check_compatible()
+        return known.get("limits", {})
+
+    def _decode(self, body: bytes, dtypes: Sequence[str]) -> tuple[dict, Optional[np.ndarray]]:
+        try:
+            return decode_envelope(body, dtypes)
+        except (ValueError, KeyError, TypeError) as err:
+            raise ServerError(200, f"the server's answer could not be read: {err}", "bad_answer") from None
+
+    def _json(self, method: str, path: str, body: Optional[bytes] = None, content_type: Optional[str] = None,
+              session: Optional[Session] = None, what: str = "the request", timeout: Optional[float] = None) -> Any:
+        _, _, data = self._request(method, path, body, content_type, session, what, timeout)
+        try:
+            return json.loads(data.decode("utf-8"))
+        except ValueError as err:
+            raise ServerError(200, f"the server's answer to {what} is not JSON: {err}", "bad_answer") from None
+
+    def _request(self, method: str, path: str, body: Optional[bytes] = None, content_type: Optional[str] = None,
+                 session: Optional[Session] = None, what: str = "the request",
+                 timeout: Optional[float] = None) -> tuple[int, Any, bytes]:
+        headers = {API_VERSION_HEADER: str(API_VERSION), "Accept": f"application/json, {ENVELOPE_TYPE}"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        if session is not None:
+            headers[SESSION_KEY_HEADER] = session.key
+        if content_type:
+            headers["Content-Type"] = content_type
+        request = urllib.request.Request(self.url + path, data=body, headers=headers, method=method)
+        for attempt in range(self.retries + 1):
+            try:
+                with self._opener.open(request, timeout=timeout or self.timeout) as response:
+                    return response.status, response.headers, response.read()
+            except urllib.error.HTTPError as err:
+                raise self._http_error(err.code, err.read(), what) from None
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+                reason = err.reason if isinstance(err, urllib.error.URLError) else err
+                if isinstance(reason, ConnectionRefusedError):
+                    if attempt < self.retries:
+                        time.sleep(self.backoff * 2 ** attempt)
+                        continue
+                    raise ServerNotRunning(f"cannot reach the MedSAM server at {self.url}: connection refused. "
+                                           "Is it running? Start it with `medsam serve` (or the module's "
+                                           "Start server button).") from None
+                if isinstance(reason, (socket.timeout, TimeoutError)):
+                    raise ServerNotRunning(f"the MedSAM server at {self.url} did not answer {what} within "
+                                           f"{timeout or self.timeout:.0f} s.") from None
+                raise ServerNotRunning(f"lost the connection to the MedSAM server at {self.url} during {what} "
+                                       f"({type(reason).__name__}: {reason}); the server may have stopped.") from None
+        raise AssertionError("unreachable")
+
+    def _http_error(self, status: int, body: bytes, what: str) -> MedSAMClientError:
+        try:
+            answer = json.loads(body.decode("utf-8"))
+            message, code = str(answer.get("error") or answer.get("detail")), str(answer.get("code", ""))
+        except (ValueError, AttributeError):
+            message, code = body[:300].decode("utf-8", "replace") or http.client.responses.get(status, ""), ""
+        if code == "version_mismatch":
+            return VersionMismatch(f"{message} (server {self.url})")
+        if status == 401:
+            return AuthError(f"the MedSAM server at {self.url} needs a token; set it in the module's settings")
+        if status == 403:
+            return AuthError(f"wrong token for the MedSAM server at {self.url}")
+        if status == 413:
+            return RequestTooLarge(f"{what} is too large for the server: {message}")
+        if status == 404 and code == "unknown_session":
+            return UnknownSession(status, message, code)
+        if code == "cancelled":
+            return Cancelled(message)
+        return ServerError(status, message, code)
+
+
+def _window(window: Any) -> Any:
+    return window if isinstance(window, str) else [float(v) for v in window]
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays -> JSON types (boxes often come straight out of numpy)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(_plain(value), allow_nan=False).encode()

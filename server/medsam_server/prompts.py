@@ -1,0 +1,186 @@
+"""The prompt document (DESIGN.md section 4): parse, validate, and map to slice boxes.
+
+Frames: the document speaks in voxel indices (i, j, k). Slices are taken along
+``axis``; u and v are the two other axes in increasing order, so on a slice a box
+``[u_min, v_min, u_max, v_max]`` is ``[x_min, y_min, x_max, y_max]`` with columns
+along u and rows along v (see ``preprocess.in_plane_axes``).
+
+RECIST lines: every line drawn on a slice (long and short axis) joins one
+rectangle that encloses all their end points, grown by ``LINE_MARGIN_FRACTION``
+of its side on each side (at least one voxel) so that the lesion's edge, which
+the axes only touch, falls inside the box.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Sequence, Union
+
+import numpy as np
+
+from .errors import InputError
+from .preprocess import check_box, in_plane_axes, parse_window
+
+LINE_MARGIN_FRACTION = 0.1
+
+_DOCUMENT_KEYS = {"axis", "window", "segments"}
+_SEGMENT_KEYS = {"name", "label", "boxes", "lines", "locked_slices"}
+MAX_LABEL = 65535
+
+
+@dataclass(frozen=True)
+class Keyframe:
+    """A marked slice: its index along the axis and a box in slice pixels (x = u, y = v)."""
+
+    slice: int
+    box: tuple[float, float, float, float]
+    source: str  # "box" or "lines"
+
+
+@dataclass
+class SegmentPrompt:
+    name: str
+    label: int
+    keyframes: list[Keyframe]  # sorted by slice, one per slice
+    locked_slices: tuple[int, ...] = ()
+
+
+@dataclass
+class PromptDocument:
+    axis: int
+    window: Union[str, tuple[float, float]]
+    segments: list[SegmentPrompt]
+    notes: list[str] = field(default_factory=list)  # boxes clipped to the slice, and the like
+
+
+def slice_shape(size_ijk: Sequence[int], axis: int) -> tuple[int, int]:
+    """(rows, cols) of a slice along ``axis`` of a volume of size (i, j, k)."""
+    u, v = in_plane_axes(axis)
+    return int(size_ijk[v]), int(size_ijk[u])
+
+
+def line_box(lines: Sequence[np.ndarray], shape: tuple[int, int]) -> list[float]:
+    """The margin-grown rectangle around RECIST line end points ``(n, 2, 2)`` as (u, v)."""
+    points = np.concatenate([np.asarray(line, dtype=np.float64) for line in lines])
+    lo, hi = points.min(axis=0), points.max(axis=0)
+    margin = np.maximum(1.0, LINE_MARGIN_FRACTION * (hi - lo))
+    lo, hi = lo - margin, hi + margin
+    rows, cols = shape
+    lo = np.maximum(lo, 0.0)
+    hi = np.minimum(hi, [cols - 1.0, rows - 1.0])
+    return [lo[0], lo[1], hi[0], hi[1]]
+
+
+def parse_prompts(document: Union[dict, str], size_ijk: Sequence[int]) -> PromptDocument:
+    """Validate a prompt document against a volume of size (i, j, k).
+
+    Raises InputError naming the segment, the slice and what is wrong.
+    """
+    if isinstance(document, (str, bytes)):
+        try:
+            document = json.loads(document)
+        except json.JSONDecodeError as err:
+            raise InputError(f"the prompt document is not valid JSON: {err}") from None
+    if not isinstance(document, dict):
+        raise InputError("the prompt document must be a JSON object with 'segments'")
+    _no_unknown_keys(document, _DOCUMENT_KEYS, "the prompt document")
+    axis = document.get("axis", 2)
+    if not isinstance(axis, int) or isinstance(axis, bool) or axis not in (0, 1, 2):
+        raise InputError(f"axis must be 0, 1 or 2, got {axis!r}")
+    window = parse_window(document.get("window", "auto"))
+    raw_segments = document.get("segments")
+    if not isinstance(raw_segments, list) or not raw_segments:
+        raise InputError("the prompt document needs a non-empty 'segments' list")
+
+    n_slices = int(size_ijk[axis])
+    shape = slice_shape(size_ijk, axis)
+    notes: list[str] = []
+    segments = [
+        _parse_segment(raw, position, n_slices, shape, notes) for position, raw in enumerate(raw_segments, start=1)
+    ]
+    for attribute in ("label", "name"):
+        values = [getattr(s, attribute) for s in segments]
+        duplicates = sorted({v for v in values if values.count(v) > 1}, key=str)
+        if duplicates:
+            raise InputError(f"segments share the {attribute} {duplicates[0]!r}: each segment needs its own {attribute}")
+    return PromptDocument(axis=axis, window=window, segments=segments, notes=notes)
+
+
+def _no_unknown_keys(obj: dict, allowed: set, where: str) -> None:
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise InputError(f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _index(value: Any, n: int, where: str, what: str = "slice") -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InputError(f"{where}: {what} must be an integer index, got {value!r}")
+    if not 0 <= value < n:
+        raise InputError(f"{where}: {what} {value} is out of range (the volume has {n} slices along the axis: 0..{n - 1})")
+    return value
+
+
+def _parse_segment(raw: Any, position: int, n_slices: int, shape: tuple[int, int], notes: list[str]) -> SegmentPrompt:
+    if not isinstance(raw, dict):
+        raise InputError(f"segment {position} must be an object")
+    name = raw.get("name", f"segment {position}")
+    where = f"segment {name!r}"
+    _no_unknown_keys(raw, _SEGMENT_KEYS, where)
+    if not isinstance(name, str) or not name.strip():
+        raise InputError(f"segment {position}: name must be a non-empty string")
+    label = raw.get("label", position)
+    if not isinstance(label, int) or isinstance(label, bool) or not 1 <= label <= MAX_LABEL:
+        raise InputError(f"{where}: label must be an integer 1..{MAX_LABEL}, got {label!r}")
+
+    keyframes: dict[int, Keyframe] = {}
+    for entry in _list(raw, "boxes", where):
+        if not isinstance(entry, dict) or set(entry) != {"slice", "box"}:
+            raise InputError(f"{where}: each box is {{\"slice\": k, \"box\": [u_min, v_min, u_max, v_max]}}, got {entry!r}")
+        index = _index(entry["slice"], n_slices, where)
+        if index in keyframes:
+            raise InputError(f"{where}, slice {index}: two boxes on one slice; keep one")
+        box, note = check_box(entry["box"], shape, f"{where}, slice {index}")
+        if note:
+            notes.append(note)
+        keyframes[index] = Keyframe(index, tuple(box.tolist()), "box")
+
+    lines_by_slice: dict[int, list[np.ndarray]] = {}
+    for entry in _list(raw, "lines", where):
+        if not isinstance(entry, dict) or set(entry) != {"slice", "points"}:
+            raise InputError(f"{where}: each line is {{\"slice\": k, \"points\": [[u, v], [u, v]]}}, got {entry!r}")
+        index = _index(entry["slice"], n_slices, where)
+        points = _line_points(entry["points"], shape, f"{where}, slice {index}")
+        lines_by_slice.setdefault(index, []).append(points)
+    for index, lines in sorted(lines_by_slice.items()):
+        if index in keyframes:
+            raise InputError(f"{where}, slice {index}: has both a box and lines; keep one kind per slice")
+        keyframes[index] = Keyframe(index, tuple(line_box(lines, shape)), "lines")
+
+    if not keyframes:
+        raise InputError(f"{where}: needs at least one box or line")
+    locked = tuple(sorted({_index(s, n_slices, where, "locked slice") for s in _list(raw, "locked_slices", where)}))
+    return SegmentPrompt(name=name.strip(), label=label, keyframes=[keyframes[k] for k in sorted(keyframes)],
+                         locked_slices=locked)
+
+
+def _list(raw: dict, key: str, where: str) -> list:
+    value = raw.get(key, [])
+    if not isinstance(value, list):
+        raise InputError(f"{where}: {key!r} must be a list")
+    return value
+
+
+def _line_points(points: Any, shape: tuple[int, int], where: str) -> np.ndarray:
+    try:
+        array = np.asarray(points, dtype=np.float64)
+    except (TypeError, ValueError):
+        array = np.empty(0)
+    if array.shape != (2, 2) or not np.isfinite(array).all():
+        raise InputError(f"{where}: a line is two points [[u, v], [u, v]], got {points!r}")
+    rows, cols = shape
+    if (array < 0).any() or (array[:, 0] > cols - 1).any() or (array[:, 1] > rows - 1).any():
+        raise InputError(f"{where}: line {array.tolist()} leaves the {cols}x{rows} slice")
+    if np.allclose(array[0], array[1]):
+        raise InputError(f"{where}: line {array.tolist()} has zero length")
+    return array

@@ -1,0 +1,273 @@
+"""The server's wire protocol: names, limits, and the binary array envelope.
+
+Everything a request or response may carry that is not plain JSON travels in one
+*envelope* (content type :data:`ENVELOPE_TYPE`)::
+
+    b"MSW1" | uint32 big-endian N | N bytes of UTF-8 JSON (an object) | payload
+
+If the JSON object has an ``"array"`` entry, the payload is that array's raw
+C-order little-endian bytes, compressed as one zlib (or gzip) stream; otherwise the
+payload is empty. The ``"array"`` entry describes it::
+
+    {"dtype": "int16", "shape": [k, j, i] or [k, j, i, 3], "compression": "zlib",
+     "spacing": [si, sj, sk], "origin": [x, y, z], "direction": [9 numbers],
+     "offset": [i0, j0, k0]}
+
+Frames: ``shape`` is numpy's (k, j, i) order (SimpleITK's ``GetArrayFromImage``);
+``spacing`` and ``offset`` are in (i, j, k) order like ``GetSpacing()``; ``origin`` and
+``direction`` are LPS as SimpleITK reports them (``direction`` row-major, its columns
+the i, j, k axes). Geometry and offset are optional.
+
+Decoding is strict and bounded: the dtype must be whitelisted, the shape within
+:class:`Limits`, and the data exactly as long as the shape says. Decompression
+stops as soon as the output would pass the declared size, so a compression bomb
+costs at most one chunk beyond it.
+
+This module is numpy + stdlib. The Slicer client (``MedSAMSlicerLib/client.py``)
+has its own small codec of the same format, because Slicer's Python has no
+``medsam_server``; ``tests/test_wire.py`` runs both against each other so they
+cannot drift.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import zlib
+from dataclasses import asdict, dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+# ------------------------------------------------------------------ names
+
+ENVELOPE_TYPE = "application/vnd.medsam.array"
+JSON_TYPE = "application/json"
+MAGIC = b"MSW1"
+#: Every request may say which API it speaks; a different one is refused with 409.
+API_VERSION_HEADER = "X-MedSAM-API"
+#: The per-session secret returned by an upload; session routes need it (it never appears in a URL or a log).
+SESSION_KEY_HEADER = "X-MedSAM-Session-Key"
+
+IMAGE_DTYPES = ("uint8", "int8", "uint16", "int16", "int32", "float32", "float64")
+LABEL_DTYPES = ("uint8", "uint16")
+MASK_DTYPE = "uint8"
+RGB_CHANNELS = 3
+COMPRESSIONS = ("zlib", "gzip")
+_CHUNK = 4 << 20  # decompression step: the most a bomb can allocate past the declared size
+
+# ------------------------------------------------------------------ limits
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Hard caps on what a request may make the server hold; ``/info`` reports them."""
+
+    max_body_bytes: int = 1 * GiB  # a request body as sent (compressed)
+    max_decompressed_bytes: int = 2 * GiB  # one array after decompression
+    max_voxels: int = 1 << 28  # 268 M voxels, e.g. 512 x 512 x 1024
+    max_dim: int = 1 << 16
+    max_header_bytes: int = 1 * MiB  # the envelope's JSON
+    max_json_bytes: int = 8 * MiB  # a plain JSON request body (prompt documents, boxes)
+    max_boxes_per_request: int = 512
+    max_points_per_box: int = 32
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class WireError(Exception):
+    """A request body that breaks the protocol; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+# ------------------------------------------------------------------ encode
+
+
+def encode(header: dict, array: Optional[np.ndarray] = None, level: int = 1) -> bytes:
+    """Envelope bytes of a JSON-able ``header`` and an optional array (described under ``header["array"]``).
+
+    The caller's ``header["array"]`` may carry geometry (spacing, origin, direction,
+    offset); dtype, shape and compression are filled in here. Level 1 zlib: masks
+    and CT compress well at it, and it costs little time.
+    """
+    header = dict(header)
+    payload = b""
+    if array is not None:
+        array = np.asarray(array)
+        if array.dtype == np.bool_:
+            array = array.astype(np.uint8)
+        little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        header["array"] = {**header.get("array", {}), "dtype": array.dtype.name, "shape": list(array.shape),
+                           "compression": "zlib"}
+        payload = zlib.compress(little.data, level)
+    else:
+        header.pop("array", None)
+    text = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    return MAGIC + struct.pack(">I", len(text)) + text + payload
+
+
+# ------------------------------------------------------------------ decode
+
+
+def decode(body: bytes, limits: Limits = Limits(), dtypes: Sequence[str] = IMAGE_DTYPES,
+           allow_rgb: bool = True) -> tuple[dict, Optional[np.ndarray]]:
+    """Envelope bytes -> (header, array or None); raises WireError with a message and a status.
+
+    ``dtypes`` is the whitelist for this request (images or labels); ``allow_rgb``
+    admits a trailing channel axis of 3. The array is little-endian, writable and
+    owns its memory.
+    """
+    if len(body) > limits.max_body_bytes:
+        raise WireError(f"the body has {len(body)} bytes; the limit is {limits.max_body_bytes}", 413)
+    if len(body) < len(MAGIC) + 4 or body[:len(MAGIC)] != MAGIC:
+        raise WireError(f"not a MedSAM array envelope (it starts with {MAGIC!r}, a 4-byte header length, "
+                        "a JSON header and the compressed data)")
+    (length,) = struct.unpack(">I", body[len(MAGIC):len(MAGIC) + 4])
+    if length > limits.max_header_bytes:
+        raise WireError(f"the envelope header declares {length} bytes; the limit is {limits.max_header_bytes}", 413)
+    start = len(MAGIC) + 4
+    if len(body) < start + length:
+        raise WireError(f"the body is truncated: its header declares {length} bytes, {len(body) - start} follow")
+    header = parse_json_object(body[start:start + length], "the envelope header")
+    payload = body[start + length:]
+    meta = header.get("array")
+    if meta is None:
+        if payload:
+            raise WireError("the envelope carries data but its header has no 'array' entry describing it")
+        return header, None
+    dtype, shape = check_array_header(meta, limits, dtypes, allow_rgb)
+    data = bounded_decompress(payload, int(np.prod(shape)) * dtype.itemsize, meta.get("compression", "zlib"))
+    array = np.frombuffer(data, dtype=dtype).reshape(shape)
+    return header, array.astype(dtype.newbyteorder("="), copy=False)
+
+
+def parse_json_object(raw: bytes, what: str) -> dict:
+    """Strict JSON (no NaN or Infinity) that must be an object; raises WireError."""
+    try:
+        value = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise WireError(f"{what} is not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise WireError(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def check_array_header(meta: Any, limits: Limits, dtypes: Sequence[str], allow_rgb: bool) -> tuple[np.dtype, tuple]:
+    """Validate an ``"array"`` entry's dtype, shape and compression; return the little-endian dtype and shape."""
+    if not isinstance(meta, dict):
+        raise WireError("'array' must be an object with dtype and shape")
+    unknown = sorted(set(meta) - {"dtype", "shape", "compression", "spacing", "origin", "direction", "offset"})
+    if unknown:
+        raise WireError(f"'array' has unknown key(s) {', '.join(map(repr, unknown))}")
+    name = meta.get("dtype")
+    if not isinstance(name, str) or name not in dtypes:
+        raise WireError(f"dtype {name!r} is not accepted here; use one of {', '.join(dtypes)}", 415)
+    compression = meta.get("compression", "zlib")
+    if compression not in COMPRESSIONS:
+        raise WireError(f"compression {compression!r} is not supported; use one of {', '.join(COMPRESSIONS)}", 415)
+    shape = meta.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape):
+        raise WireError(f"shape must be a list of integers, got {shape!r}")
+    rgb = len(shape) == 4 and shape[3] == RGB_CHANNELS
+    if len(shape) != 3 and not (allow_rgb and rgb):
+        expected = "(k, j, i) or (k, j, i, 3)" if allow_rgb else "(k, j, i)"
+        raise WireError(f"shape {shape} is not {expected}; a 2D image is one slice: (1, rows, cols)")
+    if any(n < 1 for n in shape):
+        raise WireError(f"shape {shape} has an empty axis")
+    if any(n > limits.max_dim for n in shape):
+        raise WireError(f"shape {shape} has an axis longer than {limits.max_dim}", 413)
+    voxels = math.prod(shape[:3])
+    if voxels > limits.max_voxels:
+        raise WireError(f"shape {shape} has {voxels} voxels; the limit is {limits.max_voxels}", 413)
+    dtype = np.dtype(name).newbyteorder("<")
+    size = math.prod(shape) * dtype.itemsize
+    if size > limits.max_decompressed_bytes:
+        raise WireError(f"shape {shape} of {name} needs {size} bytes; the limit is {limits.max_decompressed_bytes}", 413)
+    return dtype, tuple(shape)
+
+
+def bounded_decompress(payload: bytes, expected: int, compression: str = "zlib") -> bytearray:
+    """Decompress exactly ``expected`` bytes; stop early (WireError) on more, fewer, or trailing data."""
+    decompressor = zlib.decompressobj(wbits=31 if compression == "gzip" else 15)
+    out = bytearray(expected)
+    position = 0
+    data = payload
+    try:
+        while not decompressor.eof:
+            chunk = decompressor.decompress(data, _CHUNK)
+            data = decompressor.unconsumed_tail
+            if position + len(chunk) > expected:
+                raise WireError(f"the data decompresses to more than the {expected} bytes its shape and dtype declare")
+            out[position:position + len(chunk)] = chunk
+            position += len(chunk)
+            if not chunk and not data:
+                break  # input exhausted before the end of the stream
+    except zlib.error as err:
+        raise WireError(f"the data is not a valid {compression} stream: {err}") from None
+    if not decompressor.eof:
+        raise WireError(f"the data is truncated: the {compression} stream ends early "
+                        f"({position} of {expected} bytes decompressed)")
+    if decompressor.unused_data:
+        raise WireError(f"{len(decompressor.unused_data)} stray bytes follow the compressed data")
+    if position != expected:
+        raise WireError(f"the data holds {position} bytes; shape and dtype declare {expected}")
+    return out
+
+
+# ------------------------------------------------------------------ geometry
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where voxels sit: spacing (i, j, k) mm, origin LPS mm, direction 3x3 LPS (columns i, j, k)."""
+
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+    @property
+    def direction_matrix(self) -> np.ndarray:
+        return np.array(self.direction, dtype=np.float64).reshape(3, 3)
+
+    def as_dict(self) -> dict:
+        return {"spacing": list(self.spacing), "origin": list(self.origin), "direction": list(self.direction)}
+
+
+def geometry(meta: dict) -> Geometry:
+    """The optional geometry of an ``"array"`` entry, validated (WireError on bad numbers)."""
+    spacing = _numbers(meta.get("spacing", [1.0, 1.0, 1.0]), 3, "spacing")
+    if any(s <= 0 for s in spacing):
+        raise WireError(f"spacing {list(spacing)} must be positive")
+    origin = _numbers(meta.get("origin", [0.0, 0.0, 0.0]), 3, "origin")
+    direction = _numbers(meta.get("direction", [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]), 9, "direction")
+    if abs(np.linalg.det(np.array(direction).reshape(3, 3))) < 1e-6:
+        raise WireError(f"direction {list(direction)} is singular; it is a 3x3 matrix whose columns are the i, j, k axes")
+    return Geometry(spacing, origin, direction)
+
+
+def offset(meta: dict) -> tuple[int, int, int]:
+    """The optional (i0, j0, k0) offset of an ``"array"`` entry."""
+    value = meta.get("offset", [0, 0, 0])
+    if not isinstance(value, list) or len(value) != 3 or \
+            not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        raise WireError(f"offset must be three non-negative integers (i0, j0, k0), got {value!r}")
+    return tuple(value)
+
+
+def _numbers(value: Any, count: int, what: str) -> tuple:
+    if not isinstance(value, list) or len(value) != count or \
+            not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+        raise WireError(f"{what} must be {count} finite numbers, got {value!r}")
+    return tuple(float(v) for v in value)
