@@ -348,7 +348,7 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._startKeyframe("vtkMRMLMarkupsLineNode", "long axis")
 
     def _startKeyframe(self, className: str, kind: str):
-        volumeNode, segmentationNode, segmentId = self._inputs()
+        _, segmentationNode, segmentId = self._inputs()
         segmentName = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
         name = slicer.mrmlScene.GenerateUniqueName(f"{segmentName} {kind}")
         node = slicer.mrmlScene.AddNewNodeByClass(className, name)
@@ -386,8 +386,8 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volumeNode = self.ui.volumeSelector.currentNode()
         if node.IsA("vtkMRMLMarkupsROINode") and volumeNode is not None:
             try:
-                volume = logic.volume_array(volumeNode)
-                keyframe = logic.flatten_roi(node, volume, logic.slicing_axis(volume, [node]))
+                volume = logic.volume_array(volumeNode, copy=False)
+                keyframe = logic.flatten_roi(node, volume, self._placementAxis(node, volume))
                 self.ui.statusLabel.text = f"Box on slice {keyframe.slice}."
             except logic.InputError as error:
                 self.ui.statusLabel.text = str(error)
@@ -395,6 +395,20 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.tryWithErrorDisplay("Could not start drawing the short axis."):
                 self._startKeyframe("vtkMRMLMarkupsLineNode", "short axis")
         self._scheduleKeyframeRefresh()
+
+    @staticmethod
+    def _placementAxis(roiNode, volume):
+        """The axis of the slice a box was drawn on: from its own shape when it is flat, else from the one slice
+        view whose plane runs through its centre, else the logic's default (axial)."""
+        flat = logic.roi_flat_axis(roiNode, volume)
+        if flat is not None:
+            return flat
+        centre = [0.0, 0.0, 0.0]
+        roiNode.GetCenterWorld(centre)
+        sliceNodes = [slicer.app.layoutManager().sliceWidget(name).mrmlSliceNode()
+                      for name in slicer.app.layoutManager().sliceViewNames()]
+        view = logic.view_through(sliceNodes, centre)
+        return logic.view_axis(view, volume) if view is not None else logic.slicing_axis(volume)
 
     def _onSceneNodesChanged(self, caller, event):
         self._scheduleKeyframeRefresh()
@@ -418,7 +432,7 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volume = axis = None
         if volumeNode is not None and volumeNode.GetImageData() is not None:
             try:
-                volume = logic.volume_array(volumeNode)
+                volume = logic.volume_array(volumeNode, copy=False)
                 axis = logic.slicing_axis(volume, rois, lines)
             except logic.InputError:
                 volume = None
@@ -509,8 +523,8 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         def probe():
             if localServer is not None:
-                return localServer.wait_ready(client.info, timeout=120)
-            return client.info()
+                localServer.wait_ready(client.info, timeout=120)
+            return client.check_compatible()  # VersionMismatch names the side to update
 
         def done(future):
             error = future.exception()
@@ -536,6 +550,10 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except InstallError as error:
             self._handleInstallError(error)
             return
+        except Exception as error:  # noqa: BLE001 - pip, a missing URL, a server that cannot start: all shown
+            self.ui.statusLabel.text = f"The MedSAM server is not ready: {error}"
+            slicer.util.errorDisplay(f"The MedSAM server is not ready.\n\n{error}", detailedText=traceback.format_exc())
+            return
         with slicer.util.tryWithErrorDisplay("Could not start the segmentation.", waitCursor=True):
             volumeNode, segmentationNode, segmentId = self._inputs()
             request = logic.prepare_run(volumeNode, segmentationNode, segmentId, window=self._window())
@@ -544,12 +562,20 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             session = self._session[1] if self._session is not None and self._session[0] == key else None
             localServer = self.logic.localServer if local else None
             cancel = threading.Event()
-            self._progress = ("starting", 0, 0)
+            self._progress = ("starting", 0, 0)  # (phase, done, total)
 
             def work():
                 if localServer is not None:
+                    self._onProgress(0, 0, "starting the local server")
                     localServer.wait_ready(client.info, cancel=cancel)
-                return logic.execute_run(client, request, session=session, progress=self._onProgress, cancel=cancel)
+                if session is None:
+                    client.check_compatible()
+                    self._onProgress(0, 0, "uploading")
+                try:
+                    return logic.execute_run(client, request, session=session, progress=self._onProgress,
+                                             cancel=cancel)
+                except medsam_client.UnknownSession:  # the server dropped an idle session: upload again
+                    return logic.execute_run(client, request, progress=self._onProgress, cancel=cancel)
 
             self._recordInference(begin=True, request=request)
             future = self._submit(work, self._onRunFinished)
@@ -569,8 +595,8 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             slicer.util.errorDisplay(f"The MedSAM server is not ready.\n\n{error}")
 
-    def _onProgress(self, phase, done, total):
-        """Called from the worker thread: only stores the numbers; _poll shows them."""
+    def _onProgress(self, done, total, phase="segmenting"):
+        """Called from the worker thread (the client's ``progress(done, total)``): stores; _poll shows it."""
         with self._progressLock:
             self._progress = (str(phase), int(done), int(total))
 
@@ -592,8 +618,10 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.setMaximum(max(total, 1) if total else 0)  # 0 = busy indicator
             self.ui.progressBar.setValue(done)
             self.ui.progressBar.setFormat(f"{phase} %v/%m" if total else phase)
-        finished = [(future, callback) for future, callback in self._pending if future.done()]
-        self._pending = [entry for entry in self._pending if not entry[0].done()]
+        finished, pending = [], []
+        for entry in self._pending:  # one done() per future: a run may finish while this loop runs
+            (finished if entry[0].done() else pending).append(entry)
+        self._pending = pending
         if not self._pending:
             self._pollTimer.stop()
         for future, callback in finished:
@@ -636,7 +664,7 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception:  # noqa: BLE001 - already shown by tryWithErrorDisplay
             self._recordInference(begin=False, ok=False)
             return
-        self._recordInference(begin=False, ok=True, seconds=result.seconds)
+        self._recordInference(begin=False, ok=True, seconds=result.server_seconds)
         locked = f"; kept {len(applied.locked_slices)} hand-edited slice(s)" if applied.locked_slices else ""
         self.ui.statusLabel.text = (f"Done in {result.seconds:.1f} s: {len(applied.changed_slices)} slice(s) "
                                     f"changed{locked}. Undo in the Segment Editor if needed.")
@@ -710,7 +738,7 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             volumeNode, segmentationNode, segmentId = self._inputs()
             array = logic.segment_array(segmentationNode, segmentId, volumeNode)
-            axis = logic.slicing_axis(logic.volume_array(volumeNode),
+            axis = logic.slicing_axis(logic.volume_array(volumeNode, copy=False),
                                       *logic.keyframe_nodes(segmentationNode, segmentId))
         except (ValueError, logic.InputError):
             return None
@@ -782,10 +810,8 @@ class MedSAMSlicerTest(ScriptedLoadableModuleTest):
         self.assertIsNotNone(volumeNode)
         volume = logic.volume_array(volumeNode)
         lung = thresholdedRightLung(volume.array, volume.ijk_to_world)
-        slices = np.nonzero(lung.any(axis=(1, 2)))[0]
-        self.assertGreater(len(slices), 10, "the thresholded right lung should span many slices")
-        first, last = slices[0] + len(slices) // 10, slices[-1] - len(slices) // 10
-        keyframeSlices = [int(round(v)) for v in np.linspace(first, last, self.KEYFRAMES)]
+        keyframeSlices = keyframeSlicesOf(lung, self.KEYFRAMES)
+        self.assertEqual(len(keyframeSlices), self.KEYFRAMES, "the thresholded right lung should span many slices")
         return volumeNode, volume, lung, keyframeSlices
 
     def _placeKeyframes(self, volumeNode, volume, lung, keyframeSlices, segmentationNode, segmentId):
@@ -853,8 +879,10 @@ class MedSAMSlicerTest(ScriptedLoadableModuleTest):
 
 
 def thresholdedRightLung(array: np.ndarray, ijkToWorld: np.ndarray) -> np.ndarray:
-    """The patient's right lung of a chest CT (k, j, i) by thresholding: air inside the body on the right side
-    (RAS x beyond the body's middle), the largest 2D component per slice, holes filled. A test reference."""
+    """The patient's right lung of a chest CT (k, j, i) by thresholding, a test reference: per slice, air
+    (< -400 HU) inside the body (> -500 HU, closed and filled) on the right side (RAS x beyond the body's
+    middle), the largest 2D component with holes filled. On CTChest4 it matches the expert's right lung
+    (Dice 0.98; checked headless in Testing/Python/test_self_test_reference.py)."""
     import SimpleITK as sitk
 
     out = np.zeros(array.shape, dtype=bool)
@@ -862,7 +890,8 @@ def thresholdedRightLung(array: np.ndarray, ijkToWorld: np.ndarray) -> np.ndarra
     jj, ii = np.mgrid[0:nj, 0:ni]
     for k in range(nk):
         plane = array[k]
-        body = sitk.GetArrayFromImage(sitk.BinaryFillhole(sitk.BinaryMorphologicalOpening(
+        # closing first: at low resolution the skin ring has gaps that would let the lungs leak outside
+        body = sitk.GetArrayFromImage(sitk.BinaryFillhole(sitk.BinaryMorphologicalClosing(
             sitk.GetImageFromArray((plane > -500).astype(np.uint8)), [2, 2])))
         if body.sum() < 100:
             continue
@@ -877,3 +906,18 @@ def thresholdedRightLung(array: np.ndarray, ijkToWorld: np.ndarray) -> np.ndarra
         out[k] = sitk.GetArrayFromImage(largest) > 0
     return out
 
+
+def keyframeSlicesOf(mask: np.ndarray, count: int) -> list[int]:
+    """``count`` slices spread over the longest run of slices where the mask has at least a quarter of its
+    largest area (so that stray specks at the ends do not count)."""
+    area = mask.reshape(mask.shape[0], -1).sum(axis=1)
+    good = area >= 0.25 * area.max()
+    runs, start = [], None
+    for k, flag in enumerate(list(good) + [False]):
+        if flag and start is None:
+            start = k
+        elif not flag and start is not None:
+            runs.append((k - start, start, k - 1))
+            start = None
+    _, first, last = max(runs)
+    return sorted({int(round(v)) for v in np.linspace(first, last, count)})

@@ -11,6 +11,8 @@ time is measured too and the user's cache is left alone.
 
 Times are medians of repeated calls after one warm-up call, through the public
 ``PromptableModel`` API (so they include each model's pre- and post-processing).
+The backends of a model take turns call by call, so a busy machine slows them alike
+and the ratios stay comparable; the header reports the load average.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from medsam_server.embeddings import EmbeddingCache, SliceKey, embed_slices
 from medsam_server.models import load_model, resolve_device
-from medsam_server.preprocess import radiological_view, to_uint8
+from medsam_server.preprocess import canonical_view, to_uint8
 
 RIGHT_LUNG, LEFT_LUNG = 5, 6
 SLICES = (8, 11, 14, 17, 20, 23, 26, 29)  # eight axial slices with both lungs: 16 boxes
@@ -44,7 +46,7 @@ def ct_inputs() -> tuple[list[np.ndarray], np.ndarray]:
     image = sitk.ReadImage(os.path.join(folder, "CTChest4.nrrd"))
     volume = sitk.GetArrayFromImage(image)
     labels = slicerio.read_segmentation(os.path.join(folder, "Segmentation.seg.nrrd"))["voxels"].transpose(2, 1, 0)
-    view = radiological_view(np.array(image.GetDirection()).reshape(3, 3), axis=2)
+    view = canonical_view(np.array(image.GetDirection()).reshape(3, 3), axis=2)
     volume_u8, _ = to_uint8(volume, "ct-lung")
     slices, boxes = [], []
     for n, k in enumerate(SLICES):
@@ -55,50 +57,66 @@ def ct_inputs() -> tuple[list[np.ndarray], np.ndarray]:
     return slices, boxes
 
 
-def median_seconds(call, repeats: int) -> float:
-    times = []
+def interleaved_medians(calls: dict, repeats: int) -> dict:
+    """Median seconds of each call, alternating between them so that they share the machine's load."""
+    times = {key: [] for key in calls}
     for _ in range(repeats):
+        for key, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[key].append(time.perf_counter() - start)
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
+def bench_model(name: str, backends: list, checkpoint, device: str, bf16: bool, slices, boxes, repeats: int) -> list:
+    """One row per backend; every measurement alternates between the backends call by call."""
+    models, load_s = {}, {}
+    for backend in backends:
+        print(f"# loading {name} / {backend} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def bench_one(name: str, backend: str, checkpoint, device: str, bf16: bool, slices, boxes, repeats: int) -> dict:
-    start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = load_model(name, checkpoint=checkpoint, device=device, backend=backend, autocast_bf16=bf16)
-    load_s = time.perf_counter() - start
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            models[backend] = load_model(name, checkpoint=checkpoint, device=device, backend=backend,
+                                         autocast_bf16=bf16)
+        load_s[backend] = time.perf_counter() - start
     batch = ENCODER_BATCH[name]
-    heavy = name == "medsam-vit-b"
+    heavy = name == "medsam-vit-b"  # ~20-40 s a slice on a small CPU: fewer encoder repeats
     enc_repeats = max(1, repeats // 3) if heavy else repeats
-
-    model.encoder_batch = batch
-    model.embed(slices[:1])  # warm-up: first-call allocations, ONNX Runtime's graph setup
-    enc1 = median_seconds(lambda: model.embed(slices[:1]), enc_repeats)
-    encb = median_seconds(lambda: model.embed(slices[:batch]), enc_repeats) / batch
-
-    embeddings = model.embed(slices) if not heavy else np.repeat(model.embed(slices[:1]), len(slices), axis=0)
+    shape = slices[0].shape
     index = np.array([n for n, _ in boxes])
     box = np.array([b for _, b in boxes], dtype=np.float64)
-    shape = slices[0].shape
-    model.decode(embeddings[index[:1]], box[:1], shape)
 
-    def one_by_one():
+    print(f"# encoder {name} ...", file=sys.stderr, flush=True)
+    for model in models.values():
+        model.encoder_batch = batch
+        model.embed(slices[:1])  # warm-up: first-call allocations, ONNX Runtime's graph setup
+    enc1 = interleaved_medians({b: (lambda m=m: m.embed(slices[:1])) for b, m in models.items()}, enc_repeats)
+    encb = interleaved_medians({b: (lambda m=m: m.embed(slices[:batch])) for b, m in models.items()}, enc_repeats)
+
+    print(f"# decoder {name} ...", file=sys.stderr, flush=True)
+    first = next(iter(models.values()))
+    embeddings = first.embed(slices) if not heavy else np.repeat(first.embed(slices[:1]), len(slices), axis=0)
+    for model in models.values():
+        model.decode(embeddings[index[:1]], box[:1], shape)
+
+    def one_by_one(model):
         for i in range(len(box)):
             model.decode(embeddings[index[i:i + 1]], box[i:i + 1], shape)
 
-    dec1 = median_seconds(one_by_one, repeats) / len(box)
-    decb = median_seconds(lambda: model.decode(embeddings[index], box, shape), repeats * 2) / len(box)
+    dec1 = interleaved_medians({b: (lambda m=m: one_by_one(m)) for b, m in models.items()}, repeats)
+    decb = interleaved_medians({b: (lambda m=m: m.decode(embeddings[index], box, shape)) for b, m in models.items()},
+                               repeats * 2)
 
     cache = EmbeddingCache(fp16=True)
     keys = [SliceKey("ctchest4", 2, k, name, "ct-lung") for k in SLICES]
     for key, embedding in zip(keys, embeddings, strict=True):
         cache.put(key, embedding)
-    hit = median_seconds(lambda: embed_slices(model, cache, keys[:1], lambda i: slices[i]), repeats * 20)
-    return {"model": name, "backend": backend, "device": model.device, "load_s": load_s, "batch": batch,
-            "enc1": enc1, "encb": encb, "dec1": dec1, "decb": decb, "hit": hit, "boxes": len(box)}
+    hit = interleaved_medians(
+        {b: (lambda m=m: embed_slices(m, cache, keys[:1], lambda i: slices[i])) for b, m in models.items()},
+        repeats * 20)
+    return [{"model": name, "backend": b, "device": m.device, "load_s": load_s[b], "batch": batch,
+             "enc1": enc1[b], "encb": encb[b] / batch, "dec1": dec1[b] / len(box), "decb": decb[b] / len(box),
+             "hit": hit[b]} for b, m in models.items()]
 
 
 def main() -> int:
@@ -117,7 +135,8 @@ def main() -> int:
 
     print(f"# engine benchmark: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {onnxruntime.__version__}, "
-          f"device {device}{', bf16 autocast' if args.bf16 else ''}, {'quick' if args.quick else 'full'} run")
+          f"device {device}{', bf16 autocast' if args.bf16 else ''}, {'quick' if args.quick else 'full'} run, "
+          f"load average {os.getloadavg()[0]:.1f}")
     slices, boxes = ct_inputs()
     print(f"# inputs: {len(slices)} CTChest4 axial slices {slices[0].shape} (lung window), {len(boxes)} lung boxes")
 
@@ -132,9 +151,7 @@ def main() -> int:
                 checkpoint = Path(tmp) / "random_vit_b.pth"
                 torch.manual_seed(0)
                 torch.save(sam_model_registry["vit_b"](checkpoint=None).state_dict(), checkpoint)
-            for backend in args.backends:
-                print(f"# running {name} / {backend} ...", file=sys.stderr, flush=True)
-                rows.append(bench_one(name, backend, checkpoint, device, args.bf16, slices, boxes, repeats))
+            rows += bench_model(name, args.backends, checkpoint, device, args.bf16, slices, boxes, repeats)
 
     print()
     print("| model | backend | device | load s (ONNX: + export) | encoder ms/slice, batch 1 | encoder ms/slice, "
@@ -155,6 +172,7 @@ def main() -> int:
             print(f"{name}: ONNX vs torch speed-up — encoder batch 1 {t['enc1'] / o['enc1']:.2f}x, "
                   f"batched {t['encb'] / o['encb']:.2f}x; decoder one per call {t['dec1'] / o['dec1']:.2f}x, "
                   f"16 per call {t['decb'] / o['decb']:.2f}x")
+    print(f"# load average at the end: {os.getloadavg()[0]:.1f}")
     return 0
 
 

@@ -40,8 +40,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -111,7 +112,7 @@ class Masks(dict):
 # ------------------------------------------------------------------ the envelope (see medsam_server.wire)
 
 
-def encode_envelope(header: dict, array: Optional[np.ndarray] = None, level: int = 1) -> bytes:
+def encode_envelope(header: dict, array: np.ndarray | None = None, level: int = 1) -> bytes:
     """MAGIC | uint32 big-endian JSON length | JSON header | zlib(raw little-endian C-order bytes)."""
     header = dict(header)
     payload = b""
@@ -125,7 +126,7 @@ def encode_envelope(header: dict, array: Optional[np.ndarray] = None, level: int
     return MAGIC + struct.pack(">I", len(text)) + text + payload
 
 
-def decode_envelope(body: bytes, dtypes: Sequence[str] = IMAGE_DTYPES) -> tuple[dict, Optional[np.ndarray]]:
+def decode_envelope(body: bytes, dtypes: Sequence[str] = IMAGE_DTYPES) -> tuple[dict, np.ndarray | None]:
     """Envelope bytes -> (header, array or None); ValueError if they break the format."""
     if len(body) < 8 or body[:4] != MAGIC:
         raise ValueError("the answer is not a MedSAM array envelope")
@@ -181,7 +182,7 @@ class MedSAMClient:
     that was sent is never repeated.
     """
 
-    def __init__(self, url: str = DEFAULT_URL, token: Optional[str] = None, timeout: float = 300.0,
+    def __init__(self, url: str = DEFAULT_URL, token: str | None = None, timeout: float = 300.0,
                  retries: int = 3, backoff: float = 0.25, poll_interval: float = 0.5):
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
@@ -196,7 +197,7 @@ class MedSAMClient:
         if parsed.hostname in ("127.0.0.1", "localhost", "::1"):
             handlers.append(urllib.request.ProxyHandler({}))  # a system proxy must not see loopback traffic
         self._opener = urllib.request.build_opener(*handlers)
-        self._info: Optional[dict] = None
+        self._info: dict | None = None
         self._lock = threading.Lock()
 
     # -------------------------------------------------------------- server
@@ -264,14 +265,17 @@ class MedSAMClient:
 
     # -------------------------------------------------------------- prefetch
 
-    def prefetch(self, session: Session, axis: int = 2, window: Any = "auto", first: Optional[int] = None,
-                 last: Optional[int] = None, around: Optional[int] = None, orientation: str = "radiological") -> str:
+    def prefetch(self, session: Session, axis: int = 2, window: Any = "auto", first: int | None = None,
+                 last: int | None = None, around: int | None = None, orientation: str | None = None) -> str:
         """Start embedding slices ``first..last`` (default all; nearest ``around`` first); returns a job id.
 
-        Use the same ``axis``, ``window`` and ``orientation`` as later segment/annotate
-        calls, or their slices will not be found in the cache.
+        Use the same ``axis``, ``window`` and ``orientation`` (None: the server's
+        default) as later segment/annotate calls, or their slices will not be found in
+        the cache.
         """
-        request: dict = {"axis": axis, "window": _window(window), "orientation": orientation}
+        request: dict = {"axis": axis, "window": _window(window)}
+        if orientation is not None:
+            request["orientation"] = orientation
         for name, value in (("first", first), ("last", last), ("around", around)):
             if value is not None:
                 request[name] = int(value)
@@ -291,8 +295,8 @@ class MedSAMClient:
         return self._json("DELETE", f"/sessions/{session.id}/jobs/{urllib.parse.quote(job, safe='')}",
                           session=session, what="the cancel")
 
-    def wait(self, session: Session, job: str, progress: Optional[Callable[[int, int], Any]] = None,
-             cancel: Optional[threading.Event] = None) -> dict:
+    def wait(self, session: Session, job: str, progress: Callable[[int, int], Any] | None = None,
+             cancel: threading.Event | None = None) -> dict:
         """Poll a job until it ends; ``progress(done, total)`` on each change. Raises if it failed or was cancelled."""
         last = None
         while True:
@@ -318,15 +322,16 @@ class MedSAMClient:
     # -------------------------------------------------------------- segmentation
 
     def segment(self, session: Session, boxes: Sequence[dict], axis: int = 2, window: Any = "auto",
-                orientation: str = "radiological") -> Masks:
+                orientation: str | None = None) -> Masks:
         """Boxes on slices -> ``{slice: (rows, cols) bool mask}``; one box per slice.
 
         ``boxes`` items: ``{"slice": k, "box": [u_min, v_min, u_max, v_max]}`` plus
         optional ``"points": [[u, v], ...]`` and ``"point_labels": [1 or 0, ...]``.
         Cached slices answer in milliseconds; others wait for their embedding only.
         """
-        request = {"axis": axis, "window": _window(window), "orientation": orientation,
-                   "boxes": [_plain(b) for b in boxes]}
+        request = {"axis": axis, "window": _window(window), "boxes": [_plain(b) for b in boxes]}
+        if orientation is not None:  # None: the server's default, as annotate uses it
+            request["orientation"] = orientation
         _, _, body = self._request("POST", f"/sessions/{session.id}/segment", _dumps(request), "application/json",
                                    session=session, what="the segment request")
         header, masks = self._decode(body, ("uint8",))
@@ -334,8 +339,8 @@ class MedSAMClient:
         result.notes = list(header.get("notes", []))
         return result
 
-    def annotate(self, session: Session, document: dict, existing: Optional[np.ndarray] = None,
-                 progress: Optional[Callable[[int, int], Any]] = None, cancel: Optional[threading.Event] = None,
+    def annotate(self, session: Session, document: dict, existing: np.ndarray | None = None,
+                 progress: Callable[[int, int], Any] | None = None, cancel: threading.Event | None = None,
                  **options: Any) -> tuple[tuple[int, int, int], np.ndarray, dict]:
         """Run a prompt document (DESIGN.md section 4) -> ``(ijk_offset, labels, summary)``.
 
@@ -385,23 +390,23 @@ class MedSAMClient:
             known = self.check_compatible()
         return known.get("limits", {})
 
-    def _decode(self, body: bytes, dtypes: Sequence[str]) -> tuple[dict, Optional[np.ndarray]]:
+    def _decode(self, body: bytes, dtypes: Sequence[str]) -> tuple[dict, np.ndarray | None]:
         try:
             return decode_envelope(body, dtypes)
         except (ValueError, KeyError, TypeError) as err:
             raise ServerError(200, f"the server's answer could not be read: {err}", "bad_answer") from None
 
-    def _json(self, method: str, path: str, body: Optional[bytes] = None, content_type: Optional[str] = None,
-              session: Optional[Session] = None, what: str = "the request", timeout: Optional[float] = None) -> Any:
+    def _json(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None,
+              session: Session | None = None, what: str = "the request", timeout: float | None = None) -> Any:
         _, _, data = self._request(method, path, body, content_type, session, what, timeout)
         try:
             return json.loads(data.decode("utf-8"))
         except ValueError as err:
             raise ServerError(200, f"the server's answer to {what} is not JSON: {err}", "bad_answer") from None
 
-    def _request(self, method: str, path: str, body: Optional[bytes] = None, content_type: Optional[str] = None,
-                 session: Optional[Session] = None, what: str = "the request",
-                 timeout: Optional[float] = None) -> tuple[int, Any, bytes]:
+    def _request(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None,
+                 session: Session | None = None, what: str = "the request",
+                 timeout: float | None = None) -> tuple[int, Any, bytes]:
         headers = {API_VERSION_HEADER: str(API_VERSION), "Accept": f"application/json, {ENVELOPE_TYPE}"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"

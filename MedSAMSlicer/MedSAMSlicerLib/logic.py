@@ -206,10 +206,12 @@ def add_volume_node(scene, array: np.ndarray, ijk_to_ras: np.ndarray | None = No
     return node
 
 
-def volume_array(volume_node) -> VolumeArray:
+def volume_array(volume_node, copy: bool = True) -> VolumeArray:
     """Copy a scalar or vector (RGB) volume node into a :class:`VolumeArray`.
 
     A single-slice image (a 2D X-ray or photo) is a volume of one slice. RGBA drops its alpha channel.
+    ``copy=False`` gives a read-only view of the node's voxels instead, for geometry questions asked on
+    the main thread (no copy of a large volume); never hand such a view to another thread.
     """
     if volume_node is None:
         raise InputError("select a volume first")
@@ -221,14 +223,19 @@ def volume_array(volume_node) -> VolumeArray:
     scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
     notes = []
     if components == 1:
-        array = scalars.reshape(nk, nj, ni).copy()
+        array = scalars.reshape(nk, nj, ni)
     elif components in (3, 4):
-        array = scalars.reshape(nk, nj, ni, components)[..., :3].copy()
+        array = scalars.reshape(nk, nj, ni, components)[..., :3]
         if components == 4:
             notes.append(f"volume '{_node_name(volume_node)}' is RGBA: the alpha channel is not used")
     else:
         raise InputError(f"volume '{_node_name(volume_node)}' has {components} components per voxel; "
                          "MedSAM reads grayscale (1) or colour (3) images")
+    if copy:
+        array = np.array(array, order="C")  # always a copy, contiguous
+    else:
+        array = array.view()
+        array.flags.writeable = False
     return VolumeArray(array=array, ijk_to_world=ijk_to_world(volume_node), notes=notes)
 
 
@@ -285,6 +292,31 @@ def _flat_axis(extent_ijk: np.ndarray) -> int | None:
     return None
 
 
+def roi_flat_axis(roi_node, volume: VolumeArray) -> int | None:
+    """The IJK axis along which an ROI is flat (drawn thin in a slice view, or flattened), else None."""
+    corners = volume.world_to_ijk(roi_corners_world(roi_node))
+    return _flat_axis(corners.max(axis=0) - corners.min(axis=0))
+
+
+def view_axis(slice_node, volume: VolumeArray) -> int:
+    """The IJK axis closest to a slice view's normal: the axis along which that view steps through slices."""
+    slice_to_ras = array_from_vtk_matrix(slice_node.GetSliceToRAS())
+    normal = slice_to_ras[:3, 2] / np.linalg.norm(slice_to_ras[:3, 2])
+    return int(np.argmax(np.abs(normal @ volume.direction_ras)))
+
+
+def view_through(slice_nodes: Sequence, point_world: Sequence[float], tolerance_mm: float = 0.5):
+    """The one slice view whose plane passes through ``point_world`` (where a markup was just drawn), else None."""
+    point = np.asarray(point_world, dtype=np.float64)
+    found = []
+    for node in slice_nodes:
+        slice_to_ras = array_from_vtk_matrix(node.GetSliceToRAS())
+        normal = slice_to_ras[:3, 2] / np.linalg.norm(slice_to_ras[:3, 2])
+        if abs((point - slice_to_ras[:3, 3]) @ normal) <= tolerance_mm:
+            found.append(node)
+    return found[0] if len(found) == 1 else None
+
+
 def slicing_axis(volume: VolumeArray, roi_nodes: Sequence = (), line_nodes: Sequence = (),
                  axis: int | None = None) -> int:
     """The IJK axis along which keyframes are slices.
@@ -304,8 +336,7 @@ def slicing_axis(volume: VolumeArray, roi_nodes: Sequence = (), line_nodes: Sequ
         return int(axis)
     votes: dict[int, list[str]] = {}
     for roi in roi_nodes:
-        corners = volume.world_to_ijk(roi_corners_world(roi))
-        flat = _flat_axis(corners.max(axis=0) - corners.min(axis=0))
+        flat = roi_flat_axis(roi, volume)
         if flat is not None:
             votes.setdefault(flat, []).append(_node_name(roi))
     if len(votes) > 1:
@@ -706,7 +737,7 @@ class RunResult:
     summary: dict = field(default_factory=dict)  # the server's report: per segment, seconds, cache, notes
 
     @property
-    def server_seconds(self) -> Optional[float]:
+    def server_seconds(self) -> float | None:
         """The server's own compute time (embedding + decoding), when it reports it."""
         seconds = self.summary.get("seconds") if isinstance(self.summary, dict) else None
         if isinstance(seconds, dict) and seconds:

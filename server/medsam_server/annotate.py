@@ -36,12 +36,11 @@ from scipy.interpolate import PchipInterpolator
 from .embeddings import EmbeddingCache, SliceKey, embed_slices, volume_digest
 from .errors import Cancelled, InputError
 from .models.base import PromptableModel
-from .preprocess import IDENTITY_VIEW, SliceView, radiological_view, to_uint8
+from .preprocess import DEFAULT_ORIENTATION, ORIENTATIONS, SliceView, canonical_view, to_uint8
 from .prompts import PromptDocument, SegmentPrompt
 
 PROPAGATION_MARGIN_FRACTION = 0.1
 PROPAGATION_MIN_AREA_FRACTION = 0.2
-ORIENTATIONS = ("radiological", "array")
 INTERPOLATIONS = ("pchip", "linear")
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
@@ -70,11 +69,9 @@ class SliceStack:
         window,
         model: PromptableModel,
         cache: EmbeddingCache,
-        orientation: str = "radiological",
+        orientation: str = DEFAULT_ORIENTATION,
         digest: Optional[str] = None,
     ):
-        if orientation not in ORIENTATIONS:
-            raise InputError(f"orientation must be one of {', '.join(ORIENTATIONS)}, got {orientation!r}")
         rgb = array.ndim == 4 and array.shape[-1] == 3
         if array.ndim != 3 and not rgb:
             raise InputError(f"a volume is (k, j, i) or (k, j, i, 3); got shape {array.shape}")
@@ -82,10 +79,12 @@ class SliceStack:
         self.model = model
         self.cache = cache
         self.u8, mapping = to_uint8(array, window, rgb=rgb)
-        self.view: SliceView = radiological_view(direction, axis) if orientation == "radiological" else IDENTITY_VIEW
+        self.n_slices = array.shape[2 - axis]
+        # A 2D image (X-ray, photo, one slice) is stored the way it is meant to be seen: only
+        # volumes are turned into the canonical patient orientation.
+        self.view: SliceView = canonical_view(direction, axis, "array" if self.n_slices == 1 else orientation)
         self.volume_key = digest or volume_digest(array)
         self.preprocessing = f"{mapping}|{self.view.key}"
-        self.n_slices = array.shape[2 - axis]
         self.shape = self.u8[slice_index(axis, 0)].shape[:2]  # (rows, cols) of a slice
 
     def key(self, index: int) -> SliceKey:
@@ -119,7 +118,7 @@ class AnnotateOptions:
     largest_component: bool = True
     overwrite: bool = False  # may a later segment take voxels an earlier one (or --existing) holds?
     interpolation: str = "pchip"
-    orientation: str = "radiological"
+    orientation: str = DEFAULT_ORIENTATION
     batch_size: int = 16
 
     def __post_init__(self):
@@ -127,6 +126,8 @@ class AnnotateOptions:
             raise InputError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}")
         if self.propagate < 0:
             raise InputError("propagate must be >= 0 slices")
+        if self.orientation not in ORIENTATIONS:
+            raise InputError(f"orientation must be one of {', '.join(ORIENTATIONS)}, got {self.orientation!r}")
         if self.batch_size < 1:
             raise InputError("batch size must be >= 1")
 

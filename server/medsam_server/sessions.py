@@ -28,17 +28,18 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
 from . import wire
-from .annotate import ORIENTATIONS, AnnotateOptions, SliceStack, annotate, interpolate_boxes, slice_index
+from .annotate import AnnotateOptions, SliceStack, annotate, interpolate_boxes, slice_index
 from .embeddings import EmbeddingCache, volume_digest
 from .errors import Cancelled, InputError
-from .preprocess import check_box, check_finite, parse_window
+from .preprocess import DEFAULT_ORIENTATION, ORIENTATIONS, check_box, check_finite, parse_window
 from .prompts import PromptDocument, parse_prompts, slice_shape
 from .worker import PRIORITY_ANNOTATE, PRIORITY_PREFETCH, PRIORITY_SEGMENT, ModelWorker, WorkerModel
 
@@ -346,7 +347,7 @@ class Sessions:
                 probabilities = stack.decode(embeddings[positions], boxes)
             else:
                 probabilities = _decode_with_points(stack, embeddings[positions], boxes, entries)
-            for p, probability in zip(positions, probabilities):
+            for p, probability in zip(positions, probabilities, strict=True):
                 masks[live[p]] = probability > 0.5
         return request, masks
 
@@ -377,7 +378,7 @@ class Sessions:
         _no_unknown(raw, {"axis", "window", "orientation", "first", "last", "around"}, "the prefetch request")
         axis = _axis(raw.get("axis", 2))
         window = parse_window(raw.get("window", "auto"))
-        orientation = _orientation(raw.get("orientation", "radiological"))
+        orientation = _orientation(raw.get("orientation", DEFAULT_ORIENTATION))
         n = session.size_ijk[axis]
         first = _int(raw.get("first", 0), 0, n - 1, "first")
         last = _int(raw.get("last", n - 1), first, n - 1, "last")
@@ -457,7 +458,7 @@ def parse_segment_request(raw: Any, size_ijk: Sequence[int], limits: wire.Limits
     _no_unknown(raw, {"axis", "window", "orientation", "boxes"}, "the segment request")
     axis = _axis(raw.get("axis", 2))
     window = parse_window(raw.get("window", "auto"))
-    orientation = _orientation(raw.get("orientation", "radiological"))
+    orientation = _orientation(raw.get("orientation", DEFAULT_ORIENTATION))
     boxes = raw.get("boxes")
     if not isinstance(boxes, list) or not boxes:
         raise InputError("the segment request needs a non-empty 'boxes' list of {\"slice\": k, \"box\": [...]}")
@@ -503,7 +504,8 @@ def parse_options(raw: Any, n_slices: int) -> AnnotateOptions:
     return options
 
 
-def changed_block(labels: np.ndarray, changed: Sequence[int], axis: int) -> tuple[tuple[int, int, int], Optional[np.ndarray]]:
+def changed_block(labels: np.ndarray, changed: Sequence[int],
+                  axis: int) -> tuple[tuple[int, int, int], Optional[np.ndarray]]:
     """The sub-block of ``labels`` (k, j, i) that a client must write, and its (i0, j0, k0) offset.
 
     Along ``axis`` it spans the first to the last changed slice; in-plane it is the

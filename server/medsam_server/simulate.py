@@ -36,27 +36,37 @@ def bounding_box(plane: np.ndarray) -> list[int]:
 
 
 def recist_lines(plane: np.ndarray) -> list[list[list[float]]]:
-    """Long axis (the mask's longest diameter) and short axis (the longest chord perpendicular to it)."""
+    """Long axis (the mask's longest diameter) and short axis (the longest chord perpendicular to it).
+
+    Each axis spans at least one pixel, as a line drawn by hand does, so a target one
+    pixel wide still gets two lines of non-zero length.
+    """
     rows, cols = np.nonzero(plane)
     points = np.stack([cols, rows], axis=1).astype(np.float64)
     if len(points) > 2000:  # the diameter lies on the boundary; thin the interior for speed
         points = points[np.random.default_rng(0).choice(len(points), 2000, replace=False)]
     distances = ((points[:, None] - points[None]) ** 2).sum(-1)
     a, b = np.unravel_index(np.argmax(distances), distances.shape)
-    long_axis = [points[a].tolist(), points[b].tolist()]
-    direction = (points[b] - points[a]) / max(np.linalg.norm(points[b] - points[a]), 1e-9)
+    direction = points[b] - points[a]
+    direction = direction / np.linalg.norm(direction) if distances[a, b] > 0 else np.array([1.0, 0.0])
     normal = np.array([-direction[1], direction[0]])
-    along = points @ direction
-    best, short_axis = -1.0, [points[a].tolist(), points[a].tolist()]
+    along, across = points @ direction, points @ normal
+    long_axis = (points[a], points[b])
+    short_axis, best = (points[a], points[a]), -1.0
     for position in np.unique(np.round(along)):  # chords perpendicular to the long axis
-        chord = points[np.abs(along - position) <= 0.5]
-        if len(chord) < 2:
-            continue
-        lo, hi = chord[np.argmin(chord @ normal)], chord[np.argmax(chord @ normal)]
-        length = float((hi - lo) @ normal)
-        if length > best:
-            best, short_axis = length, [lo.tolist(), hi.tolist()]
-    return [long_axis, short_axis]
+        chord = np.abs(along - position) <= 0.5
+        lo, hi = np.argmin(np.where(chord, across, np.inf)), np.argmax(np.where(chord, across, -np.inf))
+        if across[hi] - across[lo] > best:
+            best, short_axis = across[hi] - across[lo], (points[lo], points[hi])
+    limit = np.array([plane.shape[1] - 1.0, plane.shape[0] - 1.0])
+    return [_at_least_one_pixel(*long_axis, direction, limit), _at_least_one_pixel(*short_axis, normal, limit)]
+
+
+def _at_least_one_pixel(start: np.ndarray, end: np.ndarray, unit: np.ndarray, limit: np.ndarray) -> list[list[float]]:
+    if np.linalg.norm(end - start) < 1.0:
+        middle = (start + end) / 2.0
+        start, end = np.clip(middle - unit / 2.0, 0.0, limit), np.clip(middle + unit / 2.0, 0.0, limit)
+    return [start.tolist(), end.tolist()]
 
 
 def simulated_prompts(

@@ -35,8 +35,9 @@ import json
 import math
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -194,7 +195,8 @@ def check_array_header(meta: Any, limits: Limits, dtypes: Sequence[str], allow_r
     dtype = np.dtype(name).newbyteorder("<")
     size = math.prod(shape) * dtype.itemsize
     if size > limits.max_decompressed_bytes:
-        raise WireError(f"shape {shape} of {name} needs {size} bytes; the limit is {limits.max_decompressed_bytes}", 413)
+        raise WireError(f"shape {shape} of {name} needs {size} bytes; the limit is {limits.max_decompressed_bytes}",
+                        413)
     return dtype, tuple(shape)
 
 
@@ -253,7 +255,8 @@ def geometry(meta: dict) -> Geometry:
     origin = _numbers(meta.get("origin", [0.0, 0.0, 0.0]), 3, "origin")
     direction = _numbers(meta.get("direction", [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]), 9, "direction")
     if abs(np.linalg.det(np.array(direction).reshape(3, 3))) < 1e-6:
-        raise WireError(f"direction {list(direction)} is singular; it is a 3x3 matrix whose columns are the i, j, k axes")
+        raise WireError(f"direction {list(direction)} is singular; it is a 3x3 matrix whose columns are the "
+                        "i, j, k axes")
     return Geometry(spacing, origin, direction)
 
 

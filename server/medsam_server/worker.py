@@ -24,9 +24,10 @@ import heapq
 import itertools
 import logging
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
@@ -240,7 +241,7 @@ class ModelWorker:
             chunk.append(index)
         if chunk:
             embedded = self.model.embed([item.images[i]() for i in chunk])
-            for index, embedding in zip(chunk, embedded):
+            for index, embedding in zip(chunk, embedded, strict=True):
                 if item.keep:
                     item.out[index] = embedding
                 if item.keys is not None:

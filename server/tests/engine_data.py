@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from medsam_server.preprocess import radiological_view, to_uint8
+from medsam_server.preprocess import canonical_view, to_uint8
 
 RIGHT_LUNG, LEFT_LUNG = 5, 6
 #: Axial slices (k) with both lungs in view; few, since the encoder costs ~1.3 s a slice here.
@@ -49,7 +49,7 @@ def ct_lung_slices(ks: tuple[int, ...] = CT_SLICES) -> tuple[list[np.ndarray], n
     """View slices as uint8 (128, 128); boxes (len(ks), 2, 4) and expert masks (len(ks), 2, 128, 128) of
     the right and left lung."""
     volume, labels, direction = ct_volume()
-    view = radiological_view(direction, axis=2)
+    view = canonical_view(direction, axis=2)
     volume_u8, _ = to_uint8(volume, "ct-lung")
     slices = [np.ascontiguousarray(view.to_view(volume_u8[k])) for k in ks]
     masks = np.array([[view.to_view(labels[k] == lab) for lab in (RIGHT_LUNG, LEFT_LUNG)] for k in ks])

@@ -16,7 +16,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 import uvicorn
 

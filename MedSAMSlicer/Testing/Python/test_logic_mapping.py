@@ -54,7 +54,7 @@ def _roi_on_voxels(scene, volume_node, axis, index, box, thickness=0.6, name="bo
     lo[axis], hi[axis] = index - thickness / 2, index + thickness / 2
     lo[u], hi[u] = box[0] - 0.5, box[2] + 0.5
     lo[v], hi[v] = box[1] - 0.5, box[3] + 0.5
-    corners = np.array([ijk_to_ras_point(volume_node, c) for c in itertools.product(*zip(lo, hi, strict=True))])
+    corners = np.array([ijk_to_ras_point(volume_node, c) for c in itertools.product(*zip(lo, hi))])
     centre = corners.mean(axis=0)
     directions = np.zeros((3, 3))
     volume_node.GetIJKToRASDirections(directions)
@@ -109,7 +109,7 @@ def test_ras_aligned_roi_on_oblique_volume_covers_the_voxels_inside(scene, geome
 
     ii, jj = np.meshgrid(np.arange(SIZE_IJK[0]), np.arange(SIZE_IJK[1]), indexing="ij")
     centres = np.array([ijk_to_ras_point(volume_node, (i, j, index))
-                        for i, j in zip(ii.ravel(), jj.ravel(), strict=True)])
+                        for i, j in zip(ii.ravel(), jj.ravel())])
     inside = np.all(np.abs(centres - centre) <= np.array([15.0, 12.0, 10.0]), axis=1)
     assert inside.sum() > 10
     u0, v0, u1, v1 = keyframe.box
@@ -259,3 +259,38 @@ def test_prompt_document_shape():
          "boxes": [{"slice": 3, "box": [5, 6, 20, 22]}, {"slice": 9, "box": [1, 2, 30, 40]}],
          "locked_slices": [5, 7]}]}
     assert logic.prompt_document(2, boxes, window=(-100, 200))["window"] == [-100, 200]
+
+
+def _slice_node(scene, normal, transverse, position, name):
+    node = scene.AddNewNodeByClass("vtkMRMLSliceNode", name)
+    node.SetSliceToRASByNTP(*normal, *transverse, *position, 0)
+    return node
+
+
+def test_a_thick_box_takes_the_axis_of_the_view_it_was_drawn_in(scene):
+    """Slicer's three views; an ROI drawn (thick) in the Yellow (sagittal) view of a sagittal acquisition."""
+    volume_node = _volume(scene, GEOMETRIES["sagittal (i->A, j->-S, k->R)"])
+    volume = logic.volume_array(volume_node, copy=False)
+    centre = ijk_to_ras_point(volume_node, (20, 15, 9))
+    views = [_slice_node(scene, (0, 0, 1), (1, 0, 0), (0, 0, centre[2] + 7.3), "Red"),
+             _slice_node(scene, (1, 0, 0), (0, 1, 0), centre, "Yellow"),
+             _slice_node(scene, (0, 1, 0), (1, 0, 0), (0, centre[1] - 4.1, 0), "Green")]
+    roi = add_roi(scene, centre, (30.0, 30.0, 30.0), "drawn in yellow")
+    assert logic.roi_flat_axis(roi, volume) is None  # too thick to tell by itself
+    view = logic.view_through(views, centre)
+    assert view.GetName() == "Yellow"
+    assert logic.view_axis(view, volume) == 2  # Yellow steps along R, which is k here
+    assert [logic.view_axis(v, volume) for v in views] == [1, 2, 0]
+    assert logic.view_through(views, centre + np.array([3.0, 3.0, 3.0])) is None
+    keyframe = logic.flatten_roi(roi, volume, logic.view_axis(view, volume))
+    assert keyframe.slice == 9
+    assert logic.roi_flat_axis(roi, volume) == 2
+
+
+def test_geometry_view_does_not_copy_the_voxels(scene):
+    volume_node = _volume(scene, np.eye(3))
+    view = logic.volume_array(volume_node, copy=False)
+    copy = logic.volume_array(volume_node)
+    assert not view.array.flags.writeable and copy.array.flags.writeable
+    assert np.shares_memory(view.array, logic.volume_array(volume_node, copy=False).array)
+    assert not np.shares_memory(copy.array, view.array)

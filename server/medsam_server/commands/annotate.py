@@ -7,10 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-from ..annotate import ORIENTATIONS, AnnotateOptions, annotate
+from ..annotate import AnnotateOptions, annotate
 from ..errors import InputError
 from ..models import BACKENDS, DEFAULT_MODEL, DEVICES, MODEL_NAMES, load_model
-from ..preprocess import WINDOW_NAMES
+from ..preprocess import DEFAULT_ORIENTATION, ORIENTATIONS, WINDOW_NAMES
 from ..prompts import parse_prompts
 from ..volumes import read_image, read_labels, segment_colour, write_labels
 
@@ -33,8 +33,8 @@ def register(subparsers) -> None:
     p.add_argument("--no-fill-holes", action="store_true", help="keep holes inside each slice's mask")
     p.add_argument("--all-components", action="store_true", help="keep every 3D component, not only the largest")
     p.add_argument("--interpolation", choices=("pchip", "linear"), default="pchip", help="box interpolation")
-    p.add_argument("--orientation", choices=ORIENTATIONS, default="radiological",
-                   help="in-plane orientation in which slices reach the model (default radiological)")
+    p.add_argument("--orientation", choices=ORIENTATIONS, default=DEFAULT_ORIENTATION,
+                   help="in-plane orientation in which slices reach the model (default %(default)s)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=run)
 

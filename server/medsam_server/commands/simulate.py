@@ -9,12 +9,12 @@ import sys
 import time
 from pathlib import Path
 
-from ..annotate import ORIENTATIONS, AnnotateOptions, annotate
+from ..annotate import AnnotateOptions, annotate
 from ..embeddings import EmbeddingCache
 from ..errors import InputError
 from ..metrics import case_scores
 from ..models import load_model
-from ..preprocess import WINDOW_NAMES
+from ..preprocess import DEFAULT_ORIENTATION, ORIENTATIONS, WINDOW_NAMES
 from ..prompts import parse_prompts
 from ..simulate import simulated_prompts, target_labels
 from ..volumes import read_image, read_labels, segment_colour, write_labels
@@ -38,7 +38,7 @@ def register(subparsers) -> None:
     p.add_argument("--window", default="auto", help=f"{', '.join(WINDOW_NAMES)} or LOW,HIGH")
     p.add_argument("--propagate", type=int, default=0, metavar="N")
     p.add_argument("--interpolation", choices=("pchip", "linear"), default="pchip")
-    p.add_argument("--orientation", choices=ORIENTATIONS, default="radiological")
+    p.add_argument("--orientation", choices=ORIENTATIONS, default=DEFAULT_ORIENTATION)
     p.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance (default 2 mm)")
     p.add_argument("--output", type=Path, help="write the segmentation of the (first) K here")
     p.add_argument("--out", type=Path, help="folder for simulate.json, simulate.csv and dice_vs_k.png")

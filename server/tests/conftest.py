@@ -1,0 +1,22 @@
+"""Fixtures shared by the engine, workflow and CLI tests: one real LiteMedSAM and one cache per run.
+
+The encoder costs ~1.3 s a slice on these 2 CPU cores, so every test that segments
+the real CT shares the same model and embedding cache: a slice is encoded once per run.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from medsam_server.embeddings import EmbeddingCache
+from medsam_server.models import load_model
+
+
+@pytest.fixture(scope="session")
+def litemedsam():
+    return load_model("litemedsam", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def shared_cache() -> EmbeddingCache:
+    return EmbeddingCache(budget_bytes=1 << 30)
