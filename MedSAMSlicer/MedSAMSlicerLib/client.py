@@ -106,7 +106,9 @@ class Session:
 class Masks(dict):
     """``{slice index: (rows, cols) bool mask}`` of a segment call; ``notes`` has the server's remarks."""
 
-    notes: list
+    def __init__(self, masks=(), notes=()):
+        super().__init__(masks)
+        self.notes = list(notes)
 
 
 # ------------------------------------------------------------------ the envelope (see medsam_server.wire)
@@ -335,9 +337,7 @@ class MedSAMClient:
         _, _, body = self._request("POST", f"/sessions/{session.id}/segment", _dumps(request), "application/json",
                                    session=session, what="the segment request")
         header, masks = self._decode(body, ("uint8",))
-        result = Masks({int(s): masks[n].astype(bool) for n, s in enumerate(header["slices"])})
-        result.notes = list(header.get("notes", []))
-        return result
+        return Masks({int(s): masks[n].astype(bool) for n, s in enumerate(header["slices"])}, header.get("notes", []))
 
     def annotate(self, session: Session, document: dict, existing: np.ndarray | None = None,
                  progress: Callable[[int, int], Any] | None = None, cancel: threading.Event | None = None,

@@ -15,8 +15,11 @@ the same line. ``bench/annotate.py`` and the tests compare them.
 Propagation (``propagate=N``): up to N slices beyond each outermost keyframe, the box
 of a slice is the bounding box of the previous slice's mask grown by
 ``PROPAGATION_MARGIN_FRACTION`` of its side (at least 1 voxel); it stops at the first
-slice whose mask is empty or smaller than ``PROPAGATION_MIN_AREA_FRACTION`` of the
-previous slice's mask.
+slice whose mask is empty, smaller than ``PROPAGATION_MIN_AREA_FRACTION`` of the
+previous slice's mask, or whose mean intensity (after windowing, 0..255) moved more
+than ``PROPAGATION_MAX_INTENSITY_SHIFT`` of the range from the keyframe mask's: past the
+lung base of CTChest4 the box falls on the liver, which the model segments happily,
+but it is bright where the lung was dark.
 
 Post-processing defaults: holes filled slice by slice (a model mask with a hole is
 nearly always wrong for a solid target); the largest 3D connected component kept
@@ -41,6 +44,7 @@ from .prompts import PromptDocument, SegmentPrompt
 
 PROPAGATION_MARGIN_FRACTION = 0.1
 PROPAGATION_MIN_AREA_FRACTION = 0.2
+PROPAGATION_MAX_INTENSITY_SHIFT = 0.2
 INTERPOLATIONS = ("pchip", "linear")
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
@@ -93,6 +97,10 @@ class SliceStack:
     def is_constant(self, index: int) -> bool:
         plane = self.u8[slice_index(self.axis, index)]
         return bool(plane.min() == plane.max())
+
+    def mean_intensity(self, index: int, mask: np.ndarray) -> float:
+        """Mean windowed intensity (0..255, channels averaged) of slice ``index`` under a non-empty mask."""
+        return float(self.u8[slice_index(self.axis, index)][mask].mean())
 
     def embeddings(
         self, indices: Sequence[int], progress: Optional[Callable[[int], None]] = None,
@@ -253,7 +261,7 @@ def annotate(
     stack = SliceStack(array, direction, prompts.axis, prompts.window, model, cache, options.orientation, digest)
     labels = np.zeros(spatial, dtype=np.uint16) if existing is None else existing.astype(np.uint16, copy=True)
     plans = {s.label: interpolate_boxes(s, options.interpolation) for s in prompts.segments}
-    total = sum(len(p) for p in plans.values())
+    total = sum(len(set(plans[s.label]) - set(s.locked_slices)) for s in prompts.segments)
     run = _Run(stack, progress, should_stop, total, options.batch_size)
     notes = list(prompts.notes)
     results, changed = [], set()
@@ -313,6 +321,9 @@ def _propagate(mask: np.ndarray, start: int, step: int, limit: int, stack: Slice
     """Grow the mask slice by slice from ``start`` (exclusive) in direction ``step``; return the slices written."""
     written: list[int] = []
     previous = start
+    if not mask[start].any():
+        return written
+    reference_intensity = stack.mean_intensity(start, mask[start])
     for index in range(start + step, start + step * (limit + 1), step):
         if not 0 <= index < stack.n_slices or index in locked or stack.is_constant(index):
             break
@@ -325,6 +336,8 @@ def _propagate(mask: np.ndarray, start: int, step: int, limit: int, stack: Slice
         run.total += 1
         candidate = run.masks([index], [box])[0] > 0.5
         if candidate.sum() < PROPAGATION_MIN_AREA_FRACTION * rows.size:
+            break
+        if abs(stack.mean_intensity(index, candidate) - reference_intensity) > 255 * PROPAGATION_MAX_INTENSITY_SHIFT:
             break
         mask[index] = candidate
         written.append(index)

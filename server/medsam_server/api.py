@@ -322,10 +322,14 @@ def create_app(settings: Settings, model: Optional[PromptableModel] = None,
     async def segment(session_id: str, request: Request, owner: str = Depends(caller)):
         session = state.session(request, session_id, owner)
         raw = await _json(request, settings.limits)
-        segment_request, masks = await state.run(state.sessions.segment, session, raw)
-        header = {"axis": segment_request.axis, "slices": [e.slice for e in segment_request.entries],
-                  "notes": segment_request.notes}
-        return envelope_response(await state.run(wire.encode, header, masks.astype(np.uint8)))
+
+        def masks_envelope() -> bytes:  # one trip off the event loop: segment and encode
+            segment_request, masks = state.sessions.segment(session, raw)
+            header = {"axis": segment_request.axis, "slices": [e.slice for e in segment_request.entries],
+                      "notes": segment_request.notes}
+            return wire.encode(header, masks.astype(np.uint8))
+
+        return envelope_response(await state.run(masks_envelope))
 
     @app.post("/sessions/{session_id}/prefetch", status_code=202)
     async def prefetch(session_id: str, request: Request, owner: str = Depends(caller)):

@@ -301,16 +301,22 @@ class Sessions:
                should_stop=None, on_progress=None) -> Optional[np.ndarray]:
         """Embeddings of slices ``indices`` (N, 256, 64, 64): cached ones here, the rest on the worker."""
         keys = [stack.key(i) for i in indices]
-        out = np.empty((len(indices), 256, 64, 64), dtype=np.float32) if keep else None
+        found: dict[int, np.ndarray] = {}
         missing = []
         for n, key in enumerate(keys):
-            cached = self.cache.get(key) if key in self.cache else None
+            cached = (self.cache.get(key) if keep else True) if key in self.cache else None
             if cached is None:
                 missing.append(n)
-            elif out is not None:
+            else:
+                found[n] = cached
+        if on_progress is not None and found:
+            on_progress(len(found))
+        if keep and not missing and len(found) == 1:
+            return found[0][np.newaxis]  # the common case, a box on one cached slice: no copy
+        out = np.empty((len(indices), 256, 64, 64), dtype=np.float32) if keep else None
+        if out is not None:
+            for n, cached in found.items():
                 out[n] = cached
-        if on_progress is not None and len(indices) > len(missing):
-            on_progress(len(indices) - len(missing))
         if missing:
             images = [(lambda i=indices[n]: stack.view.to_view(stack.u8[slice_index(stack.axis, i)])) for n in missing]
             future = self.worker.encode(images, [keys[n] for n in missing], priority, should_stop, on_progress,

@@ -153,7 +153,7 @@ def decode(body: bytes, limits: Limits = Limits(), dtypes: Sequence[str] = IMAGE
 def parse_json_object(raw: bytes, what: str) -> dict:
     """Strict JSON (no NaN or Infinity) that must be an object; raises WireError."""
     try:
-        value = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+        value = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant, parse_int=_bounded_int)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise WireError(f"{what} is not valid JSON: {err}") from None
     if not isinstance(value, dict):
@@ -163,6 +163,13 @@ def parse_json_object(raw: bytes, what: str) -> dict:
 
 def _refuse_constant(name: str):
     raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _bounded_int(text: str) -> int:
+    # No protocol number needs 19 digits; bigger ones would overflow float() further in.
+    if len(text.lstrip("-")) > 18:
+        raise ValueError(f"the integer {text[:24]}... is too large")
+    return int(text)
 
 
 def check_array_header(meta: Any, limits: Limits, dtypes: Sequence[str], allow_rgb: bool) -> tuple[np.dtype, tuple]:

@@ -42,6 +42,7 @@ def sweep(litemedsam, shared_cache):
 
 def test_every_fifth_slice_is_nearly_as_good_as_every_slice(sweep):
     for name, _ in LUNGS:
+        assert sweep[1, name] >= 0.83, (name, sweep[1, name])  # the reference's box on every slice
         assert sweep[5, name] >= 0.82, (name, sweep[5, name])
         assert abs(sweep[5, name] - sweep[1, name]) <= 0.03, (name, sweep[1, name], sweep[5, name])
         assert sweep[10, name] >= 0.75, (name, sweep[10, name])
@@ -165,9 +166,11 @@ def test_sagittal_and_coronal_slices(litemedsam, shared_cache, axis):
     lung = labels == LEFT_LUNG
     present = np.flatnonzero([lung[slice_index(axis, s)].any() for s in range(128)])
     chosen = present[len(present) // 2 - 8: len(present) // 2 + 9: 8]  # 3 keyframes, every 8th slice
-    document = simulated_prompts(np.where(lung, 1, 0).astype(np.uint8), [("left lung", 1)], 8, axis=axis,
-                                 window="ct-lung")
-    document["segments"][0]["boxes"] = [b for b in document["segments"][0]["boxes"] if b["slice"] in chosen]
+    boxes = []
+    for s in chosen:
+        rows, cols = np.nonzero(lung[slice_index(axis, s)])
+        boxes.append({"slice": int(s), "box": [int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max())]})
+    document = {"axis": axis, "window": "ct-lung", "segments": [{"name": "left lung", "boxes": boxes}]}
     result = run(document, litemedsam, shared_cache, largest_component=False)
     assert result.segments[0].slices == list(range(chosen[0], chosen[-1] + 1))
     for s in (chosen[0], chosen[1]):

@@ -7,14 +7,13 @@ import struct
 import tracemalloc
 import zlib
 
+import medsam_server
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from server_harness import load_client_module
-
-import medsam_server
 from medsam_server import wire
+from server_harness import load_client_module
 
 client = load_client_module()
 LIMITS = wire.Limits(max_decompressed_bytes=64 * wire.MiB)
@@ -124,6 +123,7 @@ def _volume_header(dtype="int16", shape=(2, 4, 4), **extra) -> dict:
     (envelope(_volume_header(), b"not zlib at all"), 400, "not a valid zlib stream"),
     (envelope({"note": 1}, b"data"), 400, "no 'array' entry"),
     (raw_envelope(b'{"x": NaN}'), 400, "NaN is not a number JSON allows"),
+    (raw_envelope(b'{"x": ' + b"9" * 400 + b"}"), 400, "is too large"),
 ])
 def test_bad_envelopes_are_refused_with_a_status_and_a_message(body, status, message):
     with pytest.raises(wire.WireError) as caught:

@@ -62,8 +62,6 @@ def run(args: argparse.Namespace) -> int:
     output: Path = args.output
     if output.exists() and not args.force:
         raise InputError(f"{output} exists; pass --force to replace it")
-    if output.resolve() == args.image.resolve():
-        raise InputError("the output would overwrite the input image")
     try:
         document = json.loads(args.prompts.read_text())
     except FileNotFoundError:
@@ -82,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite, interpolation=args.interpolation, orientation=args.orientation,
     )
     model = load_model(args.model, args.checkpoint, args.device, args.backend)
-    with tqdm(total=1, desc="segmenting", unit="slice", file=sys.stderr, disable=None) as bar:
+    with tqdm(total=1, desc="segmenting", unit="slice", file=sys.stderr) as bar:
         def progress(phase: str, done: int, total: int) -> None:
             bar.total = total
             bar.n = done
@@ -91,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         result = annotate(volume.array, volume.direction, prompts, model, options=options, existing=existing,
                           progress=progress)
     segments = [(s.name, s.label, segment_colour(n)) for n, s in enumerate(prompts.segments)]
-    write_labels(output, result.labels, volume, segments)
+    write_labels(output, result.labels, volume, segments, input_path=args.image)
     summary = {"output": str(output), "model": args.model, "backend": args.backend, "device": model.device,
                **result.summary()}
     summary["notes"] = volume.notes + summary["notes"]

