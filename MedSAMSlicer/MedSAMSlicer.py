@@ -21,8 +21,6 @@ import traceback
 import numpy as np
 import qt
 import slicer
-from MedSAMSlicerLib import client as medsam_client
-from MedSAMSlicerLib import logic, timing
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -30,6 +28,9 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
+
+from MedSAMSlicerLib import client as medsam_client
+from MedSAMSlicerLib import logic, timing
 
 SETTINGS = "MedSAMSlicer/"
 SERVER_PACKAGE = "medsam-slicer-server"  # pip requirement; a checkout's server/ folder works too (setting)

@@ -1,7 +1,7 @@
 """Engine benchmark: encoder, decoder and cache-hit cost per model and backend, measured side by side.
 
 Inputs are real: axial slices of slicerio's CTChest4 (128x128, lung window,
-radiological view) and the expert's lung bounding boxes as prompts. MedSAM ViT-B
+the engine's canonical view) and the expert's lung bounding boxes as prompts. MedSAM ViT-B
 runs on a randomly initialised checkpoint written to a temporary folder (the
 official weights cannot be downloaded here; weights do not change the speed).
 ONNX graphs are exported into a temporary cache folder, so the first-use export
@@ -28,6 +28,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+
 from medsam_server.embeddings import EmbeddingCache, SliceKey, embed_slices
 from medsam_server.models import load_model, resolve_device
 from medsam_server.preprocess import canonical_view, to_uint8

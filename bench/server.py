@@ -74,11 +74,12 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+    from skimage import data
+
     from medsam_server.annotate import SliceStack
     from medsam_server.api import Settings, create_app
     from medsam_server.embeddings import EmbeddingCache
     from medsam_server.models import load_model
-    from skimage import data
 
     if args.threads:
         torch.set_num_threads(args.threads)

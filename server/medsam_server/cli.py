@@ -26,7 +26,8 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medsam", description="MedSAM / LiteMedSAM annotation for CT, MR and 2D images.")
+    parser = argparse.ArgumentParser(
+        prog="medsam", description="MedSAM / LiteMedSAM annotation for CT, MR and 2D images.")
     parser.add_argument("--version", action="version", version=f"medsam {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:

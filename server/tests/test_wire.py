@@ -7,11 +7,12 @@ import struct
 import tracemalloc
 import zlib
 
-import medsam_server
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+import medsam_server
 from medsam_server import wire
 from server_harness import load_client_module
 

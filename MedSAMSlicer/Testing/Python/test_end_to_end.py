@@ -12,6 +12,7 @@ import threading
 
 import numpy as np
 import pytest
+
 from conftest import MODULE_DIR
 from mrml_fixtures import add_roi, add_segmentation, ijk_to_ras_point
 
@@ -21,9 +22,10 @@ if not os.path.exists(os.path.join(MODULE_DIR, "MedSAMSlicerLib", "client.py")):
                 allow_module_level=True)
 pytest.importorskip("medsam_server")
 import vtk  # noqa: E402
+from vtk.util import numpy_support  # noqa: E402
+
 from MedSAMSlicerLib import client as medsam_client  # noqa: E402
 from MedSAMSlicerLib import logic  # noqa: E402
-from vtk.util import numpy_support  # noqa: E402
 
 KEYFRAMES = (12, 17, 22, 27, 31)  # right lung of CTChest4 spans slices 7..33
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from mrml_fixtures import add_roi, add_segmentation, ijk_to_ras_point
 
 slicer = pytest.importorskip("slicer")

@@ -6,6 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
+
 from mrml_fixtures import add_line, add_roi, ijk_to_ras_point
 
 slicer = pytest.importorskip("slicer")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from mrml_fixtures import add_roi, add_segmentation, ijk_to_ras_point
 
 slicer = pytest.importorskip("slicer")
 import vtk  # noqa: E402
+
 from MedSAMSlicerLib import logic  # noqa: E402
 
 SHAPE_KJI = (12, 24, 32)

@@ -10,6 +10,7 @@ import re
 import xml.etree.ElementTree as ET
 
 import pytest
+
 from conftest import MODULE_DIR, REPO_DIR
 
 MODULE_NAME = "MedSAMSlicer"
@@ -20,7 +21,7 @@ ICON_FILE = os.path.join(MODULE_DIR, "Resources", "Icons", f"{MODULE_NAME}.png")
 CATALOG_FIELDS = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
                   "build_subdirectory", "enabled", "tier"}
 CATALOG_REQUIRED = {"$schema", "category", "scm_url"}
-NOT_INSTALLED = {"CMakeLists.txt", "README-section.md"}  # build files and docs, not module content
+NOT_INSTALLED = {"CMakeLists.txt"}  # build files, not module content
 
 
 def _module_files() -> list[str]:

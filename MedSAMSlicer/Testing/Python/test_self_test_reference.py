@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 import pytest
+
 from conftest import MODULE_DIR, slicerio_data
 
 sitk = pytest.importorskip("SimpleITK")

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from ..errors import InputError
-from .base import EMBEDDING_SHAPE, PromptableModel
+from .base import EMBEDDING_SHAPE, PromptableModel, TorchRuntime
 
 MODEL_NAMES = ("litemedsam", "medsam-vit-b")
 DEFAULT_MODEL = "litemedsam"
@@ -14,14 +14,15 @@ BACKENDS = ("torch", "onnx")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
-def _loader(name: str) -> Callable[..., PromptableModel]:
+def _family(name: str):
+    """The module of a model family: RECIPE, GPU_ENCODER_BATCH and build_torch_modules(checkpoint)."""
     if name == "litemedsam":
-        from .litemedsam import load
+        from . import litemedsam as family
     elif name == "medsam-vit-b":
-        from .medsam_vit_b import load
+        from . import medsam_vit_b as family
     else:
         raise InputError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
-    return load
+    return family
 
 
 def resolve_device(device: str) -> str:
@@ -54,11 +55,20 @@ def load_model(
     ``checkpoint`` None means the model's default weights (bundled for LiteMedSAM,
     downloaded once into the user cache for MedSAM ViT-B).
     """
-    load = _loader(name)
+    family = _family(name)
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
-    options = {"autocast_bf16": autocast_bf16} if backend == "torch" else {}
-    return load(Path(checkpoint) if checkpoint else None, resolve_device(device), backend, **options)
+    device = resolve_device(device)
+    checkpoint = Path(checkpoint) if checkpoint else None
+    if backend == "onnx":
+        from .onnx_backend import onnx_runtime
+
+        runtime = onnx_runtime(name, checkpoint, device, lambda: family.build_torch_modules(checkpoint))
+    else:
+        runtime = TorchRuntime(*family.build_torch_modules(checkpoint), device, autocast_bf16=autocast_bf16)
+    batch = 1 if device == "cpu" else family.GPU_ENCODER_BATCH  # bench/engine.py: batching slows the CPU
+    return PromptableModel(name, family.RECIPE, runtime, encoder_batch=batch)
 
 
-__all__ = ["BACKENDS", "DEFAULT_MODEL", "DEVICES", "EMBEDDING_SHAPE", "MODEL_NAMES", "PromptableModel", "load_model", "resolve_device"]
+__all__ = ["BACKENDS", "DEFAULT_MODEL", "DEVICES", "EMBEDDING_SHAPE", "MODEL_NAMES", "PromptableModel", "load_model",
+           "resolve_device"]

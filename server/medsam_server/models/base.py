@@ -164,7 +164,10 @@ class PromptableModel:
         labels = np.tile([LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT], (n, 1))
         if points is not None:
             pts = np.asarray(points, dtype=np.float64).reshape(n, -1, 2)
-            lab = np.ones(pts.shape[:2], dtype=np.int64) if point_labels is None else np.asarray(point_labels).reshape(n, -1)
+            if point_labels is None:
+                lab = np.ones(pts.shape[:2], dtype=np.int64)
+            else:
+                lab = np.asarray(point_labels).reshape(n, -1)
             # SAM's order: points first, then the box corners.
             coords = np.concatenate([self.recipe.coords_to_input(pts, image_shape), coords], axis=1)
             labels = np.concatenate([lab, labels], axis=1)

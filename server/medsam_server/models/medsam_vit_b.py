@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Optional
 
 from ..preprocess import MEDSAM_RECIPE
-from .base import PromptableModel, PromptedMaskDecoder, TorchRuntime
+from .base import PromptedMaskDecoder
 from .checkpoints import MEDSAM_VIT_B, fetch_known_weights, load_state_dict
+
+RECIPE = MEDSAM_RECIPE
+GPU_ENCODER_BATCH = 2  # slices per encoder call on a GPU; the CPU is fastest one at a time
 
 
 def build_torch_modules(checkpoint: Optional[Path] = None):
@@ -26,12 +29,3 @@ def build_torch_modules(checkpoint: Optional[Path] = None):
     sam.load_state_dict(load_state_dict(checkpoint, sam, "MedSAM ViT-B"))
     return sam.image_encoder.eval(), PromptedMaskDecoder(sam.prompt_encoder, sam.mask_decoder).eval()
 
-
-def load(checkpoint: Optional[Path], device: str, backend: str, **options) -> PromptableModel:
-    if backend == "onnx":
-        from .onnx_backend import onnx_runtime
-
-        runtime = onnx_runtime("medsam-vit-b", checkpoint, device, lambda: build_torch_modules(checkpoint))
-    else:
-        runtime = TorchRuntime(*build_torch_modules(checkpoint), device, **options)
-    return PromptableModel("medsam-vit-b", MEDSAM_RECIPE, runtime, encoder_batch=2)
