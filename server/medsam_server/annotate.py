@@ -127,7 +127,7 @@ class AnnotateOptions:
     overwrite: bool = False  # may a later segment take voxels an earlier one (or --existing) holds?
     interpolation: str = "pchip"
     orientation: str = DEFAULT_ORIENTATION
-    batch_size: int = 16
+    batch_size: Optional[int] = None  # boxes per decoder call; None: the model's decoder_batch
 
     def __post_init__(self):
         if self.interpolation not in INTERPOLATIONS:
@@ -136,7 +136,7 @@ class AnnotateOptions:
             raise InputError("propagate must be >= 0 slices")
         if self.orientation not in ORIENTATIONS:
             raise InputError(f"orientation must be one of {', '.join(ORIENTATIONS)}, got {self.orientation!r}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise InputError("batch size must be >= 1")
 
 
@@ -262,7 +262,7 @@ def annotate(
     labels = np.zeros(spatial, dtype=np.uint16) if existing is None else existing.astype(np.uint16, copy=True)
     plans = {s.label: interpolate_boxes(s, options.interpolation) for s in prompts.segments}
     total = sum(len(set(plans[s.label]) - set(s.locked_slices)) for s in prompts.segments)
-    run = _Run(stack, progress, should_stop, total, options.batch_size)
+    run = _Run(stack, progress, should_stop, total, options.batch_size or model.decoder_batch)
     notes = list(prompts.notes)
     results, changed = [], set()
     for segment in prompts.segments:

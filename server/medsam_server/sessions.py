@@ -505,7 +505,7 @@ def parse_options(raw: Any, n_slices: int) -> AnnotateOptions:
     _orientation(options.orientation)
     if options.propagate > n_slices:
         raise InputError(f"propagate {options.propagate} is more than the {n_slices} slices along the axis")
-    if options.batch_size > MAX_BATCH_SIZE:
+    if options.batch_size is not None and options.batch_size > MAX_BATCH_SIZE:
         raise InputError(f"batch_size {options.batch_size} is above the limit of {MAX_BATCH_SIZE}")
     return options
 

