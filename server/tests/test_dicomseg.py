@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import highdicom as hd
 import numpy as np
 import pydicom
@@ -158,3 +161,22 @@ def test_bad_writes_and_reads_are_refused(ct, tmp_path):
     _, resent = read_dicom_series(same_frame.folder)
     with pytest.raises(InputError, match=r"references none of the 34 instances of series .*: it belongs to another"):
         read_seg(path, resent)
+
+
+def test_slicer_terminology_table_agrees_with_the_seg_codes_and_needs_only_the_standard_library():
+    from medsam_server.io import terminology
+
+    for name, entry in terminology.COMMON_TARGETS.items():
+        code = segment_code(name)
+        assert entry == (code.category, code.type, code.modifier), name
+    assert terminology.terminology_for("Right_Lung") == (
+        "Segmentation category and type - DICOM master list~SCT^91723000^Anatomical Structure~SCT^39607008^Lung~"
+        "SCT^24028007^Right~Anatomic codes - DICOM master list~^^~^^")
+    assert terminology.terminology_for("my thing") is None
+    # The Slicer module keeps a copy: the file must load on its own, importing nothing outside the standard library.
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('t', sys.argv[1]); "
+            "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('numpy', 'medsam_server', 'pydicom')))")
+    result = subprocess.run([sys.executable, "-c", code, terminology.__file__], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "[]"
