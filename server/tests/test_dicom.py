@@ -160,3 +160,15 @@ def test_slices_without_a_position_are_refused(tmp_path):
     with pytest.raises(SliceGeometryError, match=r"IM0003 has no ImagePositionPatient: the slices' position in the "
                                                  r"patient is unknown"):
         read_dicom_series(tmp_path / "flat")
+
+
+def test_a_single_non_image_file_is_refused_and_an_image_file_passes(tmp_path):
+    from medsam_server.io.dicom import refuse_non_image_file
+
+    _structured_report(tmp_path / "one", generate_uid())
+    with pytest.raises(NotAnImageError, match=r"^SR0001 is Comprehensive SR Storage, not an image to segment$"):
+        refuse_non_image_file(tmp_path / "one" / "SR0001")
+    ct = write_ct_series(tmp_path / "ct", 0, 0)
+    refuse_non_image_file(ct.files[0])
+    (tmp_path / "notes.txt").write_text("hello")
+    refuse_non_image_file(tmp_path / "notes.txt")

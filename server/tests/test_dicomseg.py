@@ -14,7 +14,7 @@ import slicerio
 from dicom_fixture import slicerio_data, write_ct_series
 from medsam_server import __version__
 from medsam_server.errors import InputError
-from medsam_server.io.dicom import read_dicom_series
+from medsam_server.io.dicom import NotAnImageError, read_dicom_series
 from medsam_server.io.dicomseg import read_seg, segment_code, write_seg
 
 RIGHT_LUNG, LEFT_LUNG = 5, 6  # the expert segmentation's labels
@@ -180,3 +180,21 @@ def test_slicer_terminology_table_agrees_with_the_seg_codes_and_needs_only_the_s
     result = subprocess.run([sys.executable, "-c", code, terminology.__file__], capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_a_seg_as_the_image_is_refused_and_a_seg_beside_the_slices_is_skipped(ct, tmp_path):
+    import shutil
+
+    written, _, _, path = ct
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(path, alone / "lungs.dcm")
+    with pytest.raises(NotAnImageError, match=r"holds no image series, only .*\(SEG, Segmentation Storage, 1 files\); "
+                                              r"a segmentation is given as --existing"):
+        read_dicom_series(alone)
+    beside = tmp_path / "beside"
+    shutil.copytree(written.folder, beside)
+    shutil.copy(path, beside / "lungs.dcm")
+    image, series = read_dicom_series(beside)
+    assert series.sop_instance_uids == written.sop_instance_uids
+    assert series.notes[0].startswith("skipped DICOM objects that are not images: ")

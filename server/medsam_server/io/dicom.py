@@ -332,3 +332,24 @@ def read_dicom_series(folder: PathLike, series_uid: Optional[str] = None) -> tup
         series_instance_uid=chosen.uid, frame_of_reference_uid=frames.pop(), modality=chosen.modality,
         description=chosen.description, headers=tuple(headers), notes=tuple(notes))
     return image, series
+
+
+def refuse_non_image_file(path: PathLike) -> None:
+    """Raise NotAnImageError when the file ``path`` is a DICOM object with no image to segment (SR, SEG, ...).
+
+    Files that are not DICOM, and DICOM images, pass: the image reader deals with them.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    path = Path(path)
+    try:
+        header = pydicom.dcmread(path, defer_size=1024)
+    except (InvalidDicomError, OSError, EOFError, ValueError):
+        return
+    if "SOPClassUID" not in header:
+        return
+    summary = _summary(str(header.get("SeriesInstanceUID", "")), [_Instance(path, header, any(
+        k in header for k in _PIXEL_KEYWORDS))])
+    if not summary.is_image:
+        raise NotAnImageError(f"{path.name} is {summary.kind}, not an image to segment" + _seg_hint(summary))
