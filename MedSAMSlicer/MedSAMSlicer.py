@@ -30,12 +30,10 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 from MedSAMSlicerLib import client as medsam_client
-from MedSAMSlicerLib import logic, timing
+from MedSAMSlicerLib import errors, geometry, keyframes, local_server, protocol, run, segments, timing
 
 SETTINGS = "MedSAMSlicer/"
 SERVER_PACKAGE = "medsam-slicer-server"  # pip requirement; a checkout's server/ folder works too (setting)
-MODELS = ("litemedsam", "medsam-vit-b")  # in the order of modelComboBox
-WINDOWS = ("auto", "ct-soft", "ct-lung", "ct-bone", "ct-brain", "mr")  # in the order of windowComboBox
 ADD_BOX_SHORTCUT = "Ctrl+B"
 
 
@@ -127,7 +125,7 @@ class MedSAMSlicerLogic(ScriptedLoadableModuleLogic):
             return self.localServer.url, self.localServer.token
         self.stopLocalServer()
         python = shutil.which("PythonSlicer") or sys.executable
-        server = logic.LocalServer(python=python, extra_args=["--model", model])
+        server = local_server.LocalServer(python=python, extra_args=["--model", model])
         server.model = model
         self.localServer = server
         return server.start()
@@ -214,8 +212,12 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged)
         ui.segmentSelector.connect("currentSegmentChanged(QString)", self.onSegmentChanged)
         ui.addSegmentButton.connect("clicked()", self.onAddSegment)
-        ui.modelComboBox.connect("currentIndexChanged(int)", lambda i: setSettingsValue("Model", MODELS[i]))
-        ui.windowComboBox.connect("currentIndexChanged(int)", lambda i: setSettingsValue("Window", WINDOWS[i]))
+        for name in protocol.MODEL_NAMES:  # the panel's names come from the protocol, nowhere else
+            ui.modelComboBox.addItem(protocol.MODEL_LABELS[name], name)
+        for name in protocol.WINDOW_NAMES:
+            ui.windowComboBox.addItem(protocol.WINDOW_LABELS[name], name)
+        ui.modelComboBox.connect("currentIndexChanged(int)", lambda i: setSettingsValue("Model", self._model()))
+        ui.windowComboBox.connect("currentIndexChanged(int)", lambda i: setSettingsValue("Window", self._window()))
         ui.addBoxButton.connect("clicked()", self.onAddBox)
         ui.addLinesButton.connect("clicked()", self.onAddLines)
         ui.keyframeTable.connect("cellDoubleClicked(int,int)", lambda row, column: self.onJumpToKeyframe())
@@ -274,10 +276,8 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _restoreSettings(self):
         ui = self.ui
-        model = settingsValue("Model", MODELS[0])
-        ui.modelComboBox.setCurrentIndex(MODELS.index(model) if model in MODELS else 0)
-        window = settingsValue("Window", WINDOWS[0])
-        ui.windowComboBox.setCurrentIndex(WINDOWS.index(window) if window in WINDOWS else 0)
+        ui.modelComboBox.setCurrentIndex(max(0, ui.modelComboBox.findData(settingsValue("Model", ""))))
+        ui.windowComboBox.setCurrentIndex(max(0, ui.windowComboBox.findData(settingsValue("Window", ""))))
         # texts before the radio buttons: toggling a button saves the server settings from the line edits
         ui.serverUrlLineEdit.text = settingsValue("RemoteUrl", "")
         ui.serverTokenLineEdit.text = settingsValue("RemoteToken", "")
@@ -353,7 +353,7 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         segmentName = segmentationNode.GetSegmentation().GetSegment(segmentId).GetName()
         name = slicer.mrmlScene.GenerateUniqueName(f"{segmentName} {kind}")
         node = slicer.mrmlScene.AddNewNodeByClass(className, name)
-        logic.tag_keyframe(node, segmentationNode, segmentId)
+        keyframes.tag_keyframe(node, segmentationNode, segmentId)
         node.CreateDefaultDisplayNodes()
         display = node.GetDisplayNode()
         display.SetSelectedColor(1.0, 0.82, 0.0)
@@ -387,10 +387,10 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volumeNode = self.ui.volumeSelector.currentNode()
         if node.IsA("vtkMRMLMarkupsROINode") and volumeNode is not None:
             try:
-                volume = logic.volume_array(volumeNode, copy=False)
-                keyframe = logic.flatten_roi(node, volume, self._placementAxis(node, volume))
+                volume = geometry.volume_array(volumeNode, copy=False)
+                keyframe = keyframes.flatten_roi(node, volume, self._placementAxis(node, volume))
                 self.ui.statusLabel.text = f"Box on slice {keyframe.slice}."
-            except logic.InputError as error:
+            except errors.InputError as error:
                 self.ui.statusLabel.text = str(error)
         if kind == "long axis":
             with slicer.util.tryWithErrorDisplay("Could not start drawing the short axis."):
@@ -401,15 +401,15 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _placementAxis(roiNode, volume):
         """The axis of the slice a box was drawn on: from its own shape when it is flat, else from the one slice
         view whose plane runs through its centre, else the logic's default (axial)."""
-        flat = logic.roi_flat_axis(roiNode, volume)
+        flat = keyframes.roi_flat_axis(roiNode, volume)
         if flat is not None:
             return flat
         centre = [0.0, 0.0, 0.0]
         roiNode.GetCenterWorld(centre)
         sliceNodes = [slicer.app.layoutManager().sliceWidget(name).mrmlSliceNode()
                       for name in slicer.app.layoutManager().sliceViewNames()]
-        view = logic.view_through(sliceNodes, centre)
-        return logic.view_axis(view, volume) if view is not None else logic.slicing_axis(volume)
+        view = geometry.view_through(sliceNodes, centre)
+        return geometry.view_axis(view, volume) if view is not None else keyframes.slicing_axis(volume)
 
     def _onSceneNodesChanged(self, caller, event):
         self._scheduleKeyframeRefresh()
@@ -428,25 +428,25 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.keyframeCountLabel.text = ""
             self._updateButtons()
             return
-        rois, lines = logic.keyframe_nodes(segmentationNode, segmentId)
+        rois, lines = keyframes.keyframe_nodes(segmentationNode, segmentId)
         rows = []
         volume = axis = None
         if volumeNode is not None and volumeNode.GetImageData() is not None:
             try:
-                volume = logic.volume_array(volumeNode, copy=False)
-                axis = logic.slicing_axis(volume, rois, lines)
-            except logic.InputError:
+                volume = geometry.volume_array(volumeNode, copy=False)
+                axis = keyframes.slicing_axis(volume, rois, lines)
+            except errors.InputError:
                 volume = None
         for node in rois + lines:
             sliceText, promptText, problem = "?", "", ""
             try:
                 if volume is not None and node.IsA("vtkMRMLMarkupsROINode"):
-                    keyframe = logic.roi_keyframe(node, volume, axis)
+                    keyframe = keyframes.roi_keyframe(node, volume, axis)
                     sliceText, promptText = str(keyframe.slice), "box {} {} - {} {}".format(*keyframe.box)
                 elif volume is not None:
-                    keyframe = logic.line_keyframe(node, volume, axis)
+                    keyframe = keyframes.line_keyframe(node, volume, axis)
                     sliceText, promptText = str(keyframe.slice), "line"
-            except logic.InputError as error:
+            except errors.InputError as error:
                 problem = str(error)
             rows.append((int(sliceText) if sliceText.isdigit() else 10**9, sliceText, promptText, node, problem))
         for _, sliceText, promptText, node, problem in sorted(rows, key=lambda r: (r[0], r[3].GetName())):
@@ -489,10 +489,10 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._session = None
 
     def _model(self) -> str:
-        return MODELS[max(0, self.ui.modelComboBox.currentIndex)]
+        return self.ui.modelComboBox.currentData or protocol.MODEL_NAMES[0]
 
     def _window(self) -> str:
-        return WINDOWS[max(0, self.ui.windowComboBox.currentIndex)]
+        return self.ui.windowComboBox.currentData or protocol.WINDOW_NAMES[0]
 
     def _serverAddress(self, install: bool = True) -> tuple[str, str, bool]:
         """(url, token, local) of the server to use; installs (after asking) and starts the local one."""
@@ -557,7 +557,7 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay("Could not start the segmentation.", waitCursor=True):
             volumeNode, segmentationNode, segmentId = self._inputs()
-            request = logic.prepare_run(volumeNode, segmentationNode, segmentId, window=self._window())
+            request = run.prepare_run(volumeNode, segmentationNode, segmentId, window=self._window())
             client = self._makeClient(url, token)
             key = (url, volumeNode.GetID(), volumeNode.GetImageData().GetMTime(), self._model())
             session = self._session[1] if self._session is not None and self._session[0] == key else None
@@ -573,10 +573,10 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     client.check_compatible()
                     self._onProgress(0, 0, "uploading")
                 try:
-                    return logic.execute_run(client, request, session=session, progress=self._onProgress,
+                    return run.execute_run(client, request, session=session, progress=self._onProgress,
                                              cancel=cancel)
                 except medsam_client.UnknownSession:  # the server dropped an idle session: upload again
-                    return logic.execute_run(client, request, progress=self._onProgress, cancel=cancel)
+                    return run.execute_run(client, request, progress=self._onProgress, cancel=cancel)
 
             self._recordInference(begin=True, request=request)
             future = self._submit(work, self._onRunFinished)
@@ -629,14 +629,14 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             callback(future)
 
     def _onRunFinished(self, future):
-        run, self._run = self._run, None
+        inFlight, self._run = self._run, None
         self.ui.progressBar.setMaximum(100)
         self.ui.progressBar.setValue(0)
         self.ui.progressBar.setFormat("%p%")
         self._updateButtons()
-        request = run["request"]
+        request = inFlight["request"]
         error = future.exception()
-        if run["cancel"].is_set():
+        if inFlight["cancel"].is_set():
             self.ui.statusLabel.text = "Cancelled: nothing was written."
             self._recordInference(begin=False, ok=False)
             return
@@ -648,7 +648,7 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(f"Segmentation failed; nothing was written.\n\n{error}", detailedText=detail)
             return
         result = future.result()
-        self._session = (run["key"], result.session)
+        self._session = (inFlight["key"], result.session)
         volumeNode = slicer.mrmlScene.GetNodeByID(request.volume_node_id)
         segmentationNode = slicer.mrmlScene.GetNodeByID(request.segmentation_node_id)
         try:
@@ -661,7 +661,7 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     if editor is not None:
                         editor.saveStateForUndo()
 
-                applied = logic.apply_run(request, result, volumeNode, segmentationNode, saveUndoState)
+                applied = run.apply_run(request, result, volumeNode, segmentationNode, saveUndoState)
         except Exception:  # noqa: BLE001 - already shown by tryWithErrorDisplay
             self._recordInference(begin=False, ok=False)
             return
@@ -738,10 +738,10 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _segmentedSliceCount(self):
         try:
             volumeNode, segmentationNode, segmentId = self._inputs()
-            array = logic.segment_array(segmentationNode, segmentId, volumeNode)
-            axis = logic.slicing_axis(logic.volume_array(volumeNode, copy=False),
-                                      *logic.keyframe_nodes(segmentationNode, segmentId))
-        except (ValueError, logic.InputError):
+            array = segments.segment_array(segmentationNode, segmentId, volumeNode)
+            axis = keyframes.slicing_axis(geometry.volume_array(volumeNode, copy=False),
+                                      *keyframes.keyframe_nodes(segmentationNode, segmentId))
+        except (ValueError, errors.InputError):
             return None
         other = tuple(a for a in (0, 1, 2) if a != 2 - axis)
         return int(np.count_nonzero(array.any(axis=other)))
@@ -809,7 +809,7 @@ class MedSAMSlicerTest(ScriptedLoadableModuleTest):
 
         volumeNode = SampleData.downloadSample("CTChest")
         self.assertIsNotNone(volumeNode)
-        volume = logic.volume_array(volumeNode)
+        volume = geometry.volume_array(volumeNode)
         lung = thresholdedRightLung(volume.array, volume.ijk_to_world)
         keyframeSlices = keyframeSlicesOf(lung, self.KEYFRAMES)
         self.assertEqual(len(keyframeSlices), self.KEYFRAMES, "the thresholded right lung should span many slices")
@@ -826,7 +826,7 @@ class MedSAMSlicerTest(ScriptedLoadableModuleTest):
             roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", f"right lung k{k}")
             roi.SetCenter(*ras.mean(axis=0))
             roi.SetSize(*np.abs(ras[1] - ras[0]))
-            logic.tag_keyframe(roi, segmentationNode, segmentId)
+            keyframes.tag_keyframe(roi, segmentationNode, segmentId)
             expected[k] = box
         return expected
 
@@ -837,7 +837,7 @@ class MedSAMSlicerTest(ScriptedLoadableModuleTest):
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
         segmentId = segmentationNode.GetSegmentation().AddEmptySegment("right lung")
         expected = self._placeKeyframes(volumeNode, volume, lung, keyframeSlices, segmentationNode, segmentId)
-        request = logic.prepare_run(volumeNode, segmentationNode, segmentId)
+        request = run.prepare_run(volumeNode, segmentationNode, segmentId)
         boxes = {b["slice"]: tuple(b["box"]) for b in request.document["segments"][0]["boxes"]}
         self.assertEqual(boxes, expected)
         self.assertEqual(request.locked_slices, [])
@@ -860,14 +860,14 @@ class MedSAMSlicerTest(ScriptedLoadableModuleTest):
 
         moduleLogic = MedSAMSlicerLogic()
         try:
-            url, token = moduleLogic.startLocalServer("litemedsam")
+            url, token = moduleLogic.startLocalServer(protocol.MODEL_NAMES[0])
             client = medsam_client.MedSAMClient(url, token=token)
             moduleLogic.localServer.wait_ready(client.info, timeout=300)
-            applied, result = logic.run_segmentation(client, volumeNode, segmentationNode, segmentId)
+            applied, result = run.run_segmentation(client, volumeNode, segmentationNode, segmentId)
         finally:
             moduleLogic.stopLocalServer()
 
-        mask = logic.segment_array(segmentationNode, segmentId, volumeNode).astype(bool)
+        mask = segments.segment_array(segmentationNode, segmentId, volumeNode).astype(bool)
         first, last = keyframeSlices[0], keyframeSlices[-1]
         reference = lung[first:last + 1]
         found = mask[first:last + 1]

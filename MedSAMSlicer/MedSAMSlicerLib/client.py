@@ -24,7 +24,8 @@ upload again), :class:`Cancelled`, and :class:`ServerError` with the server's me
 A failed or cancelled ``annotate`` returns nothing, so a caller never applies half a result.
 
 The binary envelope is coded here a second time (``medsam_server.wire`` is the
-reference; Slicer has no ``medsam_server``); the server's tests check both ways.
+reference; Slicer has no ``medsam_server``); the server's tests check both ways. Routes and
+constants come from ``protocol``, the client's copy of the server's.
 """
 
 from __future__ import annotations
@@ -46,13 +47,17 @@ from typing import Any
 
 import numpy as np
 
-API_VERSION = 1  # must equal medsam_server.API_VERSION
-ENVELOPE_TYPE = "application/vnd.medsam.array"
-MAGIC = b"MSW1"
-API_VERSION_HEADER = "X-MedSAM-API"
-SESSION_KEY_HEADER = "X-MedSAM-Session-Key"
-IMAGE_DTYPES = ("uint8", "int8", "uint16", "int16", "int32", "float32", "float64")
-LABEL_DTYPES = ("uint8", "uint16")
+from . import protocol
+from .protocol import (
+    API_VERSION,
+    API_VERSION_HEADER,
+    ENVELOPE_TYPE,
+    IMAGE_DTYPES,
+    LABEL_DTYPES,
+    MAGIC,
+    SESSION_KEY_HEADER,
+)
+
 DEFAULT_URL = "http://127.0.0.1:8765"
 MAX_RESPONSE_BYTES = 4 << 30  # an answer larger than this is not one of ours
 
@@ -205,11 +210,11 @@ class MedSAMClient:
     # -------------------------------------------------------------- server
 
     def health(self) -> dict:
-        return self._json("GET", "/health", what="the health check")
+        return self._json("GET", protocol.ROUTE_HEALTH, what="the health check")
 
     def info(self) -> dict:
         """Versions, model, device, cache and worker statistics, and the server's limits."""
-        info = self._json("GET", "/info", what="the info request")
+        info = self._json("GET", protocol.ROUTE_INFO, what="the info request")
         with self._lock:
             self._info = info
         return info
@@ -252,16 +257,16 @@ class MedSAMClient:
         if limits and array.nbytes > limits.get("max_decompressed_bytes", math.inf):
             raise RequestTooLarge(f"the volume has {array.nbytes / 2**20:.1f} MiB of voxels; the server holds at most "
                                   f"{limits['max_decompressed_bytes'] / 2**20:.1f} MiB per volume")
-        answer = self._json("POST", "/sessions", body, ENVELOPE_TYPE, what="the upload")
+        answer = self._json("POST", protocol.ROUTE_SESSIONS, body, ENVELOPE_TYPE, what="the upload")
         return Session(answer["session"], answer["key"], tuple(answer["shape"]), answer["digest"])
 
     def session_info(self, session: Session) -> dict:
-        return self._json("GET", f"/sessions/{session.id}", session=session, what="the session request")
+        return self._json("GET", _path(protocol.ROUTE_SESSION, session), session=session, what="the session request")
 
     def delete(self, session: Session) -> None:
         """Forget the volume on the server (and its cached embeddings); an unknown session is no error."""
         try:
-            self._request("DELETE", f"/sessions/{session.id}", session=session, what="the delete")
+            self._request("DELETE", _path(protocol.ROUTE_SESSION, session), session=session, what="the delete")
         except UnknownSession:
             pass
 
@@ -281,7 +286,7 @@ class MedSAMClient:
         for name, value in (("first", first), ("last", last), ("around", around)):
             if value is not None:
                 request[name] = int(value)
-        return self._json("POST", f"/sessions/{session.id}/prefetch", _dumps(request), "application/json",
+        return self._json("POST", _path(protocol.ROUTE_PREFETCH, session), _dumps(request), protocol.JSON_TYPE,
                           session=session, what="the prefetch")["job"]
 
     def prefetch_status(self, session: Session, job: str) -> dict:
@@ -290,11 +295,11 @@ class MedSAMClient:
 
     def job_status(self, session: Session, job: str, wait: float = 0.0) -> dict:
         query = f"?wait={wait:.3f}" if wait > 0 else ""
-        return self._json("GET", f"/sessions/{session.id}/jobs/{urllib.parse.quote(job, safe='')}{query}",
+        return self._json("GET", _path(protocol.ROUTE_JOB, session, job) + query,
                           session=session, what="the job status", timeout=self.timeout + wait)
 
     def cancel(self, session: Session, job: str) -> dict:
-        return self._json("DELETE", f"/sessions/{session.id}/jobs/{urllib.parse.quote(job, safe='')}",
+        return self._json("DELETE", _path(protocol.ROUTE_JOB, session, job),
                           session=session, what="the cancel")
 
     def wait(self, session: Session, job: str, progress: Callable[[int, int], Any] | None = None,
@@ -334,7 +339,7 @@ class MedSAMClient:
         request = {"axis": axis, "window": _window(window), "boxes": [_plain(b) for b in boxes]}
         if orientation is not None:  # None: the server's default, as annotate uses it
             request["orientation"] = orientation
-        _, _, body = self._request("POST", f"/sessions/{session.id}/segment", _dumps(request), "application/json",
+        _, _, body = self._request("POST", _path(protocol.ROUTE_SEGMENT, session), _dumps(request), protocol.JSON_TYPE,
                                    session=session, what="the segment request")
         header, masks = self._decode(body, ("uint8",))
         return Masks({int(s): masks[n].astype(bool) for n, s in enumerate(header["slices"])}, header.get("notes", []))
@@ -356,7 +361,7 @@ class MedSAMClient:
         """
         payload = {"document": document, "options": options}
         if existing is None:
-            body, kind = _dumps(payload), "application/json"
+            body, kind = _dumps(payload), protocol.JSON_TYPE
         else:
             existing = np.asarray(existing)
             if existing.dtype.name not in LABEL_DTYPES:
@@ -366,13 +371,13 @@ class MedSAMClient:
                     raise ValueError("the existing labelmap's labels must lie in 0..65535")
                 existing = existing.astype(np.uint16)
             body, kind = encode_envelope(payload, existing), ENVELOPE_TYPE
-        job = self._json("POST", f"/sessions/{session.id}/annotate", body, kind, session=session,
+        job = self._json("POST", _path(protocol.ROUTE_ANNOTATE, session), body, kind, session=session,
                          what="the annotate request")["job"]
         try:
             self.wait(session, job, progress, cancel)
         except ServerNotRunning as err:
             raise ServerNotRunning(f"{err} The annotation was not finished; nothing was applied.") from None
-        _, _, result = self._request("GET", f"/sessions/{session.id}/jobs/{job}/result", session=session,
+        _, _, result = self._request("GET", _path(protocol.ROUTE_JOB_RESULT, session, job), session=session,
                                      what="the annotate result")
         header, labels = self._decode(result, LABEL_DTYPES)
         summary = header.get("summary", {})
@@ -456,6 +461,11 @@ class MedSAMClient:
         if code == "cancelled":
             return Cancelled(message)
         return ServerError(status, message, code)
+
+
+def _path(route: str, session: Session, job: str = "") -> str:
+    """A route template of ``protocol`` filled in for one session (and job)."""
+    return route.format(session_id=session.id, job_id=urllib.parse.quote(job, safe=""))
 
 
 def _window(window: Any) -> Any:

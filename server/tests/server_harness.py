@@ -9,7 +9,6 @@ model and embedding cache with direct engine calls; ``serve_subprocess`` starts
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import socket
 import subprocess
@@ -24,18 +23,16 @@ import uvicorn
 from medsam_server.api import Settings, create_app
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-CLIENT_PATH = os.path.join(REPO, "MedSAMSlicer", "MedSAMSlicerLib", "client.py")
+MODULE_DIR = os.path.join(REPO, "MedSAMSlicer")
 
 
 def load_client_module():
-    """``MedSAMSlicerLib/client.py`` imported by path, as a standalone module (it needs no package)."""
-    if "medsam_slicer_client" in sys.modules:
-        return sys.modules["medsam_slicer_client"]
-    spec = importlib.util.spec_from_file_location("medsam_slicer_client", CLIENT_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """``MedSAMSlicerLib.client``, imported as Slicer imports it (``MedSAMSlicerLib`` needs no qt or torch)."""
+    if MODULE_DIR not in sys.path:
+        sys.path.insert(0, MODULE_DIR)
+    from MedSAMSlicerLib import client
+
+    return client
 
 
 @contextlib.contextmanager

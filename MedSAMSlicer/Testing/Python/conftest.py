@@ -30,9 +30,9 @@ def slicerio_data(name: str) -> str:
 def scene():
     """A fresh MRML scene with the segmentation converters registered (Slicer's app does that at startup)."""
     slicer = pytest.importorskip("slicer")
-    from MedSAMSlicerLib import logic
+    from MedSAMSlicerLib import segments
 
-    logic.register_segmentation_converters()
+    segments.register_segmentation_converters()
     mrml = slicer.vtkMRMLScene()
     yield mrml
     mrml.Clear(1)

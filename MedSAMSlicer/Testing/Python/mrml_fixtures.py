@@ -15,14 +15,14 @@ def add_segmentation(scene, volume_node, names=("target",)):
 
 def add_roi(scene, centre_ras, size, name="box", object_to_world=None):
     """A markups ROI with its centre and size in RAS millimetres (optionally rotated by a 3x3 matrix)."""
-    from MedSAMSlicerLib import logic
+    from MedSAMSlicerLib import geometry
 
     roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", name)
     matrix = np.eye(4)
     if object_to_world is not None:
         matrix[:3, :3] = object_to_world
     matrix[:3, 3] = centre_ras
-    roi.SetAndObserveObjectToNodeMatrix(logic.vtk_matrix_from_array(matrix))
+    roi.SetAndObserveObjectToNodeMatrix(geometry.vtk_matrix_from_array(matrix))
     roi.SetSize(*size)
     return roi
 

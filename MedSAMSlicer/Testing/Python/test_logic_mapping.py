@@ -10,7 +10,7 @@ import pytest
 from mrml_fixtures import add_line, add_roi, ijk_to_ras_point
 
 slicer = pytest.importorskip("slicer")
-from MedSAMSlicerLib import logic  # noqa: E402
+from MedSAMSlicerLib import errors, geometry, keyframes  # noqa: E402
 
 SIZE_IJK = (40, 30, 20)
 
@@ -42,7 +42,7 @@ GEOMETRIES = {
 
 def _volume(scene, directions, size_ijk=SIZE_IJK, name="volume"):
     array = np.zeros(tuple(reversed(size_ijk)), dtype=np.int16)
-    return logic.add_volume_node(scene, array, _matrix(directions), name)
+    return geometry.add_volume_node(scene, array, _matrix(directions), name)
 
 
 def _roi_on_voxels(scene, volume_node, axis, index, box, thickness=0.6, name="box"):
@@ -50,7 +50,7 @@ def _roi_on_voxels(scene, volume_node, axis, index, box, thickness=0.6, name="bo
 
     Built through MRML's own IJK->RAS matrix, independently of the logic under test.
     """
-    u, v = logic.in_plane_axes(axis)
+    u, v = geometry.in_plane_axes(axis)
     lo, hi = np.zeros(3), np.zeros(3)
     lo[axis], hi[axis] = index - thickness / 2, index + thickness / 2
     lo[u], hi[u] = box[0] - 0.5, box[2] + 0.5
@@ -65,47 +65,47 @@ def _roi_on_voxels(scene, volume_node, axis, index, box, thickness=0.6, name="bo
     return add_roi(scene, centre, (hi - lo) * spacing, name, directions)
 
 
-@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+@pytest.mark.parametrize("frame", list(GEOMETRIES))
 @pytest.mark.parametrize("axis", [0, 1, 2])
-def test_roi_maps_to_its_slice_and_box(scene, geometry, axis):
-    volume_node = _volume(scene, GEOMETRIES[geometry])
-    volume = logic.volume_array(volume_node)
-    u, v = logic.in_plane_axes(axis)
+def test_roi_maps_to_its_slice_and_box(scene, frame, axis):
+    volume_node = _volume(scene, GEOMETRIES[frame])
+    volume = geometry.volume_array(volume_node)
+    u, v = geometry.in_plane_axes(axis)
     box = (3, 4, 3 + SIZE_IJK[u] // 3, 4 + SIZE_IJK[v] // 2)
     index = SIZE_IJK[axis] // 2 - 1
     roi = _roi_on_voxels(scene, volume_node, axis, index, box)
 
-    assert logic.slicing_axis(volume, [roi]) == axis  # the flat ROI tells the axis
-    keyframe = logic.roi_keyframe(roi, volume, axis)
+    assert keyframes.slicing_axis(volume, [roi]) == axis  # the flat ROI tells the axis
+    keyframe = keyframes.roi_keyframe(roi, volume, axis)
     assert (keyframe.slice, keyframe.box, keyframe.name) == (index, box, "box")
 
 
 def test_identity_and_flipped_by_hand(scene):
     """Plain numbers: voxel (i, j, k) has its centre at origin + spacing * index (flipped: minus)."""
-    straight = logic.add_volume_node(scene, np.zeros((20, 30, 40), np.int16), _matrix(np.eye(3)), "straight")
+    straight = geometry.add_volume_node(scene, np.zeros((20, 30, 40), np.int16), _matrix(np.eye(3)), "straight")
     # i 5..12 -> x 19..35 mm; j 7..15 -> y -0.5..26.5 mm; k 8 -> z 37 mm (a ROI 1 mm thick)
     roi = add_roi(scene, (27.0, 13.0, 37.0), (16.0, 27.0, 1.0))
-    assert logic.roi_keyframe(roi, logic.volume_array(straight), 2).box == (5, 7, 12, 15)
-    assert logic.roi_keyframe(roi, logic.volume_array(straight), 2).slice == 8
+    assert keyframes.roi_keyframe(roi, geometry.volume_array(straight), 2).box == (5, 7, 12, 15)
+    assert keyframes.roi_keyframe(roi, geometry.volume_array(straight), 2).slice == 8
 
     # Stored in LPS like most DICOM: x = 100 - 2 i, y = 80 - 3 j. i 5..12 -> x 75..91; j 7..15 -> y 33.5..60.5
-    flipped = logic.add_volume_node(scene, np.zeros((20, 30, 40), np.int16),
+    flipped = geometry.add_volume_node(scene, np.zeros((20, 30, 40), np.int16),
                                     _matrix(np.diag([-1.0, -1.0, 1.0]), origin=(100.0, 80.0, 5.0)), "flipped")
     roi = add_roi(scene, (83.0, 47.0, 37.0), (16.0, 27.0, 1.0))
-    keyframe = logic.roi_keyframe(roi, logic.volume_array(flipped), 2)
+    keyframe = keyframes.roi_keyframe(roi, geometry.volume_array(flipped), 2)
     assert (keyframe.slice, keyframe.box) == (8, (5, 7, 12, 15))
 
 
-@pytest.mark.parametrize("geometry", ["oblique", "oblique, left-handed", "sagittal (i->A, j->-S, k->R)"])
-def test_ras_aligned_roi_on_oblique_volume_covers_the_voxels_inside(scene, geometry):
+@pytest.mark.parametrize("frame", ["oblique", "oblique, left-handed", "sagittal (i->A, j->-S, k->R)"])
+def test_ras_aligned_roi_on_oblique_volume_covers_the_voxels_inside(scene, frame):
     """An ROI drawn along RAS axes on a tilted volume: the IJK box holds every voxel centre inside the ROI."""
-    volume_node = _volume(scene, GEOMETRIES[geometry])
-    volume = logic.volume_array(volume_node)
+    volume_node = _volume(scene, GEOMETRIES[frame])
+    volume = geometry.volume_array(volume_node)
     index = 9
     centre = ijk_to_ras_point(volume_node, (20, 15, index))
     roi = add_roi(scene, centre, (30.0, 24.0, 20.0))
     axis = 2
-    keyframe = logic.roi_keyframe(roi, volume, axis)
+    keyframe = keyframes.roi_keyframe(roi, volume, axis)
     assert keyframe.slice == index
 
     ii, jj = np.meshgrid(np.arange(SIZE_IJK[0]), np.arange(SIZE_IJK[1]), indexing="ij")
@@ -117,7 +117,7 @@ def test_ras_aligned_roi_on_oblique_volume_covers_the_voxels_inside(scene, geome
     assert ii.ravel()[inside].min() >= u0 and ii.ravel()[inside].max() <= u1
     assert jj.ravel()[inside].min() >= v0 and jj.ravel()[inside].max() <= v1
     # ... and not much more: at most one voxel of slack per side beyond the ROI's own IJK bounding box
-    corners = volume.world_to_ijk(logic.roi_corners_world(roi))
+    corners = volume.world_to_ijk(keyframes.roi_corners_world(roi))
     assert u0 >= np.floor(corners[:, 0].min()) - 1 and u1 <= np.ceil(corners[:, 0].max()) + 1
 
 
@@ -127,7 +127,7 @@ def test_real_ct_right_lung_box(scene, ct_volume, reference_segmentation):
     from conftest import slicerio_data
 
     image = sitk.ReadImage(slicerio_data("CTChest4.nrrd"))
-    volume = logic.volume_array(ct_volume)
+    volume = geometry.volume_array(ct_volume)
     np.testing.assert_array_equal(volume.array, sitk.GetArrayFromImage(image))
     np.testing.assert_allclose(volume.spacing, image.GetSpacing())
     np.testing.assert_allclose(volume.direction_lps.ravel(), image.GetDirection(), atol=1e-9)
@@ -142,8 +142,8 @@ def test_real_ct_right_lung_box(scene, ct_volume, reference_segmentation):
            for i, j, kk in ((box[0] - 0.5, box[1] - 0.5, k - 0.3), (box[2] + 0.5, box[3] + 0.5, k + 0.3))]
     ras = np.array(lps) * np.array([-1.0, -1.0, 1.0])
     roi = add_roi(scene, ras.mean(axis=0), np.abs(ras[1] - ras[0]), "right lung k20")
-    assert logic.slicing_axis(volume, [roi]) == 2
-    keyframe = logic.roi_keyframe(roi, volume, 2)
+    assert keyframes.slicing_axis(volume, [roi]) == 2
+    keyframe = keyframes.roi_keyframe(roi, volume, 2)
     assert (keyframe.slice, keyframe.box) == (k, box)
 
 
@@ -154,54 +154,54 @@ def test_volume_under_a_linear_transform(scene):
     matrix = np.eye(4)
     matrix[:3, :3] = _rotation("z", 90)
     matrix[:3, 3] = (50.0, 0.0, -12.0)
-    transform.SetMatrixTransformToParent(logic.vtk_matrix_from_array(matrix))
+    transform.SetMatrixTransformToParent(geometry.vtk_matrix_from_array(matrix))
     volume_node.SetAndObserveTransformNodeID(transform.GetID())
     # voxel (10, 6, 4) centre in world = M @ local
     local = ijk_to_ras_point(volume_node, (10, 6, 4))
     world = matrix[:3, :3] @ local + matrix[:3, 3]
     roi = add_roi(scene, world, (1.0, 1.0, 1.0), object_to_world=np.eye(3))
-    keyframe = logic.roi_keyframe(roi, logic.volume_array(volume_node), 2)
+    keyframe = keyframes.roi_keyframe(roi, geometry.volume_array(volume_node), 2)
     assert keyframe.slice == 4
     u0, v0, u1, v1 = keyframe.box
     assert u0 <= 10 <= u1 and v0 <= 6 <= v1
 
 
-@pytest.mark.parametrize("geometry", ["oblique", "coronal (i->R, j->-S, k->A)", "LPS-stored (i, j flipped)"])
-def test_flatten_roi_snaps_to_one_voxel_thick_box(scene, geometry):
+@pytest.mark.parametrize("frame", ["oblique", "coronal (i->R, j->-S, k->A)", "LPS-stored (i, j flipped)"])
+def test_flatten_roi_snaps_to_one_voxel_thick_box(scene, frame):
     """A thick, rotated ROI becomes the grid-aligned box of its keyframe; reading it again gives the same keyframe."""
-    volume_node = _volume(scene, GEOMETRIES[geometry])
-    volume = logic.volume_array(volume_node)
+    volume_node = _volume(scene, GEOMETRIES[frame])
+    volume = geometry.volume_array(volume_node)
     centre = ijk_to_ras_point(volume_node, (18.3, 12.6, 7.2))
     roi = add_roi(scene, centre, (25.0, 18.0, 9.0), "thick", _rotation("z", 10))
-    before = logic.roi_keyframe(roi, volume, 2)
-    flattened = logic.flatten_roi(roi, volume, 2)
+    before = keyframes.roi_keyframe(roi, volume, 2)
+    flattened = keyframes.flatten_roi(roi, volume, 2)
     assert flattened == before
-    assert logic.roi_keyframe(roi, volume, 2) == before
-    corners = volume.world_to_ijk(logic.roi_corners_world(roi))
+    assert keyframes.roi_keyframe(roi, volume, 2) == before
+    corners = volume.world_to_ijk(keyframes.roi_corners_world(roi))
     np.testing.assert_allclose(corners[:, 2].min(), before.slice - 0.5, atol=1e-6)
     np.testing.assert_allclose(corners[:, 2].max(), before.slice + 0.5, atol=1e-6)
     np.testing.assert_allclose(corners[:, 0].min(), before.box[0] - 0.5, atol=1e-6)
     np.testing.assert_allclose(corners[:, 1].max(), before.box[3] + 0.5, atol=1e-6)
-    assert logic.slicing_axis(volume, [roi]) == 2
+    assert keyframes.slicing_axis(volume, [roi]) == 2
 
 
 def test_recist_lines_on_a_coronal_volume(scene):
     """Long and short axis drawn on coronal slice 7 -> two lines on slice 7 and the box they enclose."""
     volume_node = _volume(scene, GEOMETRIES["coronal (i->R, j->-S, k->A)"])
-    volume = logic.volume_array(volume_node)
+    volume = geometry.volume_array(volume_node)
     long_axis = add_line(scene, ijk_to_ras_point(volume_node, (10, 12, 7)), ijk_to_ras_point(volume_node, (30, 20, 7)),
                          "long axis")
     short_axis = add_line(scene, ijk_to_ras_point(volume_node, (18, 22, 7.2)),
                           ijk_to_ras_point(volume_node, (22, 10, 6.9)), "short axis")
-    axis = logic.slicing_axis(volume, [], [long_axis, short_axis])
+    axis = keyframes.slicing_axis(volume, [], [long_axis, short_axis])
     assert axis == 2
-    lines = [logic.line_keyframe(node, volume, axis) for node in (long_axis, short_axis)]
+    lines = [keyframes.line_keyframe(node, volume, axis) for node in (long_axis, short_axis)]
     assert [line.slice for line in lines] == [7, 7]
     np.testing.assert_allclose(lines[0].points, [[10, 12], [30, 20]], atol=1e-3)
     np.testing.assert_allclose(lines[1].points, [[18, 22], [22, 10]], atol=1e-3)
-    assert logic.lines_bounding_box(lines) == (10, 10, 30, 22)
+    assert keyframes.lines_bounding_box(lines) == (10, 10, 30, 22)
 
-    document = logic.prompt_document(axis, lines=lines, segment_name="lesion")
+    document = keyframes.prompt_document(axis, lines=lines, segment_name="lesion")
     assert document == {"axis": 2, "window": "auto", "segments": [
         {"name": "lesion", "label": 1, "lines": [{"slice": 7, "points": [[10.0, 12.0], [30.0, 20.0]]},
                                                  {"slice": 7, "points": [[18.0, 22.0], [22.0, 10.0]]}]}]}
@@ -211,55 +211,55 @@ def test_line_across_slices_is_refused(scene):
     volume_node = _volume(scene, np.eye(3))
     start, end = ijk_to_ras_point(volume_node, (5, 5, 3)), ijk_to_ras_point(volume_node, (15, 9, 6))
     line = add_line(scene, start, end, "tilted")
-    with pytest.raises(logic.InputError, match="tilted.*crosses slices"):
-        logic.line_keyframe(line, logic.volume_array(volume_node), 2)
+    with pytest.raises(errors.InputError, match="tilted.*crosses slices"):
+        keyframes.line_keyframe(line, geometry.volume_array(volume_node), 2)
 
 
 def test_axis_rules(scene):
     # a thick ROI tells nothing: the axis closest to superior-inferior wins (axial slices)
-    for geometry, expected in (("identity", 2), ("sagittal (i->A, j->-S, k->R)", 1),
+    for frame, expected in (("identity", 2), ("sagittal (i->A, j->-S, k->R)", 1),
                                ("coronal (i->R, j->-S, k->A)", 1)):
-        volume_node = _volume(scene, GEOMETRIES[geometry])
+        volume_node = _volume(scene, GEOMETRIES[frame])
         roi = add_roi(scene, ijk_to_ras_point(volume_node, (20, 15, 10)), (20.0, 20.0, 20.0))
-        assert logic.slicing_axis(logic.volume_array(volume_node), [roi]) == expected, geometry
-        assert logic.slicing_axis(logic.volume_array(volume_node), [roi], axis=0) == 0  # the caller's view wins
+        assert keyframes.slicing_axis(geometry.volume_array(volume_node), [roi]) == expected, geometry
+        assert keyframes.slicing_axis(geometry.volume_array(volume_node), [roi], axis=0) == 0  # the caller's view wins
     # ROIs flat along different axes cannot be one segment's keyframes
     volume_node = _volume(scene, np.eye(3))
-    volume = logic.volume_array(volume_node)
+    volume = geometry.volume_array(volume_node)
     axial = _roi_on_voxels(scene, volume_node, 2, 5, (2, 2, 8, 8), name="axial box")
     coronal = _roi_on_voxels(scene, volume_node, 1, 5, (2, 2, 8, 8), name="coronal box")
-    with pytest.raises(logic.InputError, match="axial box.*coronal box|coronal box.*axial box"):
-        logic.slicing_axis(volume, [axial, coronal])
+    with pytest.raises(errors.InputError, match="axial box.*coronal box|coronal box.*axial box"):
+        keyframes.slicing_axis(volume, [axial, coronal])
 
 
 def test_keyframe_errors_name_the_markup(scene):
     volume_node = _volume(scene, np.eye(3))
-    volume = logic.volume_array(volume_node)
+    volume = geometry.volume_array(volume_node)
     far = add_roi(scene, ijk_to_ras_point(volume_node, (20, 15, 60)), (10.0, 10.0, 1.0), "far away")
-    with pytest.raises(logic.InputError, match="far away.*outside the volume"):
-        logic.roi_keyframe(far, volume, 2)
+    with pytest.raises(errors.InputError, match="far away.*outside the volume"):
+        keyframes.roi_keyframe(far, volume, 2)
     beside = add_roi(scene, ijk_to_ras_point(volume_node, (80, 15, 5)), (10.0, 10.0, 1.0), "beside")
-    with pytest.raises(logic.InputError, match="beside.*outside the image"):
-        logic.roi_keyframe(beside, volume, 2)
+    with pytest.raises(errors.InputError, match="beside.*outside the image"):
+        keyframes.roi_keyframe(beside, volume, 2)
     unplaced = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "not placed")
-    with pytest.raises(logic.InputError, match="not placed.*not placed yet"):
-        logic.roi_keyframe(unplaced, volume, 2)
-    a = logic.BoxKeyframe(4, (1, 1, 5, 5), "first")
-    b = logic.BoxKeyframe(4, (2, 2, 6, 6), "second")
-    with pytest.raises(logic.InputError, match="'first' and 'second' are both on slice 4"):
-        logic.prompt_document(2, [a, b])
-    with pytest.raises(logic.InputError, match="no keyframes"):
-        logic.prompt_document(2, [], [], "liver")
+    with pytest.raises(errors.InputError, match="not placed.*not placed yet"):
+        keyframes.roi_keyframe(unplaced, volume, 2)
+    a = keyframes.BoxKeyframe(4, (1, 1, 5, 5), "first")
+    b = keyframes.BoxKeyframe(4, (2, 2, 6, 6), "second")
+    with pytest.raises(errors.InputError, match="'first' and 'second' are both on slice 4"):
+        keyframes.prompt_document(2, [a, b])
+    with pytest.raises(errors.InputError, match="no keyframes"):
+        keyframes.prompt_document(2, [], [], "liver")
 
 
 def test_prompt_document_shape():
-    boxes = [logic.BoxKeyframe(9, (1, 2, 30, 40), "b"), logic.BoxKeyframe(3, (5, 6, 20, 22), "a")]
-    document = logic.prompt_document(2, boxes, segment_name="liver", window="ct-soft", locked_slices=[7, 5, 7])
+    boxes = [keyframes.BoxKeyframe(9, (1, 2, 30, 40), "b"), keyframes.BoxKeyframe(3, (5, 6, 20, 22), "a")]
+    document = keyframes.prompt_document(2, boxes, segment_name="liver", window="ct-soft", locked_slices=[7, 5, 7])
     assert document == {"axis": 2, "window": "ct-soft", "segments": [
         {"name": "liver", "label": 1,
          "boxes": [{"slice": 3, "box": [5, 6, 20, 22]}, {"slice": 9, "box": [1, 2, 30, 40]}],
          "locked_slices": [5, 7]}]}
-    assert logic.prompt_document(2, boxes, window=(-100, 200))["window"] == [-100, 200]
+    assert keyframes.prompt_document(2, boxes, window=(-100, 200))["window"] == [-100, 200]
 
 
 def _slice_node(scene, normal, transverse, position, name):
@@ -271,27 +271,27 @@ def _slice_node(scene, normal, transverse, position, name):
 def test_a_thick_box_takes_the_axis_of_the_view_it_was_drawn_in(scene):
     """Slicer's three views; an ROI drawn (thick) in the Yellow (sagittal) view of a sagittal acquisition."""
     volume_node = _volume(scene, GEOMETRIES["sagittal (i->A, j->-S, k->R)"])
-    volume = logic.volume_array(volume_node, copy=False)
+    volume = geometry.volume_array(volume_node, copy=False)
     centre = ijk_to_ras_point(volume_node, (20, 15, 9))
     views = [_slice_node(scene, (0, 0, 1), (1, 0, 0), (0, 0, centre[2] + 7.3), "Red"),
              _slice_node(scene, (1, 0, 0), (0, 1, 0), centre, "Yellow"),
              _slice_node(scene, (0, 1, 0), (1, 0, 0), (0, centre[1] - 4.1, 0), "Green")]
     roi = add_roi(scene, centre, (30.0, 30.0, 30.0), "drawn in yellow")
-    assert logic.roi_flat_axis(roi, volume) is None  # too thick to tell by itself
-    view = logic.view_through(views, centre)
+    assert keyframes.roi_flat_axis(roi, volume) is None  # too thick to tell by itself
+    view = geometry.view_through(views, centre)
     assert view.GetName() == "Yellow"
-    assert logic.view_axis(view, volume) == 2  # Yellow steps along R, which is k here
-    assert [logic.view_axis(v, volume) for v in views] == [1, 2, 0]
-    assert logic.view_through(views, centre + np.array([3.0, 3.0, 3.0])) is None
-    keyframe = logic.flatten_roi(roi, volume, logic.view_axis(view, volume))
+    assert geometry.view_axis(view, volume) == 2  # Yellow steps along R, which is k here
+    assert [geometry.view_axis(v, volume) for v in views] == [1, 2, 0]
+    assert geometry.view_through(views, centre + np.array([3.0, 3.0, 3.0])) is None
+    keyframe = keyframes.flatten_roi(roi, volume, geometry.view_axis(view, volume))
     assert keyframe.slice == 9
-    assert logic.roi_flat_axis(roi, volume) == 2
+    assert keyframes.roi_flat_axis(roi, volume) == 2
 
 
 def test_geometry_view_does_not_copy_the_voxels(scene):
     volume_node = _volume(scene, np.eye(3))
-    view = logic.volume_array(volume_node, copy=False)
-    copy = logic.volume_array(volume_node)
+    view = geometry.volume_array(volume_node, copy=False)
+    copy = geometry.volume_array(volume_node)
     assert not view.array.flags.writeable and copy.array.flags.writeable
-    assert np.shares_memory(view.array, logic.volume_array(volume_node, copy=False).array)
+    assert np.shares_memory(view.array, geometry.volume_array(volume_node, copy=False).array)
     assert not np.shares_memory(copy.array, view.array)

@@ -10,7 +10,7 @@ from mrml_fixtures import add_roi, add_segmentation, ijk_to_ras_point
 slicer = pytest.importorskip("slicer")
 import vtk  # noqa: E402
 
-from MedSAMSlicerLib import logic  # noqa: E402
+from MedSAMSlicerLib import errors, geometry, keyframes, run, segments  # noqa: E402
 
 SHAPE_KJI = (12, 24, 32)
 
@@ -20,7 +20,7 @@ def _volume(scene, directions=np.eye(3), shape=SHAPE_KJI):
     matrix[:3, :3] = np.asarray(directions) * np.array([0.8, 0.8, 2.5])
     matrix[:3, 3] = (-12.0, 30.0, 7.0)
     rng = np.random.default_rng(0)
-    return logic.add_volume_node(scene, rng.integers(-1000, 1000, shape).astype(np.int16), matrix, "volume")
+    return geometry.add_volume_node(scene, rng.integers(-1000, 1000, shape).astype(np.int16), matrix, "volume")
 
 
 def _blobs(seed, shape=SHAPE_KJI, fraction=0.3):
@@ -56,14 +56,14 @@ def _filled(scene, volume_node, names=("target", "left", "right")):
     for n, segment_id in enumerate(ids):
         content = _blobs(n + 10).astype(bool) & ~taken  # disjoint, so they share one labelmap layer
         taken |= content
-        logic.apply_labels(volume_node, node, segment_id, (0, 0, 0), content.astype(np.uint8))
+        segments.apply_labels(volume_node, node, segment_id, (0, 0, 0), content.astype(np.uint8))
         contents[segment_id] = content.astype(np.uint8)
     return node, ids, contents
 
 
 def _all_segments(node, volume_node):
     ids = [node.GetSegmentation().GetNthSegmentID(n) for n in range(node.GetSegmentation().GetNumberOfSegments())]
-    return {i: logic.segment_array(node, i, volume_node) for i in ids}
+    return {i: segments.segment_array(node, i, volume_node) for i in ids}
 
 
 def test_block_reads_back_identical_and_nothing_else_moves(scene):
@@ -71,13 +71,13 @@ def test_block_reads_back_identical_and_nothing_else_moves(scene):
     node, ids, contents = _filled(scene, volume_node)
     assert node.GetSegmentation().GetNumberOfLayers() == 1  # the shared-layer case is the tricky one
     for segment_id, content in contents.items():
-        np.testing.assert_array_equal(logic.segment_array(node, segment_id, volume_node), content)
+        np.testing.assert_array_equal(segments.segment_array(node, segment_id, volume_node), content)
 
     # a block for slices 3..6 covering part of each slice, as the server returns it (label 1 = the segment,
     # 2 = a neighbour's voxels that must not land in this segment)
     block = np.random.default_rng(5).integers(0, 3, (4, 15, 20)).astype(np.uint16)
     offset = (6, 4, 3)
-    applied = logic.apply_labels(volume_node, node, ids[0], offset, block, label=1, axis=2)
+    applied = segments.apply_labels(volume_node, node, ids[0], offset, block, label=1, axis=2)
 
     expected = contents[ids[0]].copy()
     expected[3:7] = 0
@@ -89,7 +89,7 @@ def test_block_reads_back_identical_and_nothing_else_moves(scene):
     assert applied.changed_slices == [3, 4, 5, 6]
     assert applied.voxels == int(expected[3:7].sum())
 
-    again = logic.apply_labels(volume_node, node, ids[0], offset, block, label=1, axis=2)
+    again = segments.apply_labels(volume_node, node, ids[0], offset, block, label=1, axis=2)
     assert again.changed_slices == []  # nothing differs, nothing is written
 
 
@@ -103,9 +103,9 @@ def test_blocks_along_other_axes(scene, axis):
         block, offset = _blobs(7, (nk, nj, 3)), (start, 0, 0)
     else:  # slices j = 5..7: block (k, 3, i)
         block, offset = _blobs(7, (nk, 3, ni)), (0, start, 0)
-    applied = logic.apply_labels(volume_node, node, ids[0], offset, block, axis=axis)
+    applied = segments.apply_labels(volume_node, node, ids[0], offset, block, axis=axis)
     expected = contents[ids[0]].copy()
-    expected[logic.slab_index(axis, start, start + 3)] = block
+    expected[geometry.slab_index(axis, start, start + 3)] = block
     after = _all_segments(node, volume_node)
     np.testing.assert_array_equal(after[ids[0]], expected)
     np.testing.assert_array_equal(after[ids[1]], contents[ids[1]])
@@ -124,35 +124,35 @@ def test_one_undo_step_restores_the_segmentation(scene):
         calls.append(1)
         assert history.SaveState()
 
-    logic.apply_labels(volume_node, node, ids[0], (0, 0, 2), _blobs(3, (5, 24, 32), 0.6), save_undo_state=save_state)
+    segments.apply_labels(volume_node, node, ids[0], (0, 0, 2), _blobs(3, (5, 24, 32), 0.6), save_undo_state=save_state)
     assert len(calls) == 1
-    assert not np.array_equal(logic.segment_array(node, ids[0], volume_node), contents[ids[0]])
+    assert not np.array_equal(segments.segment_array(node, ids[0], volume_node), contents[ids[0]])
     assert history.RestorePreviousState()
     after = _all_segments(node, volume_node)
     for segment_id, content in contents.items():
         np.testing.assert_array_equal(after[segment_id], content)
     # the run record went back too, so nothing looks hand-edited after an undo
-    assert logic.edited_slices(node, ids[0], volume_node, 2) == []
+    assert segments.edited_slices(node, ids[0], volume_node, 2) == []
 
 
 def test_hand_edits_become_locked_slices_and_are_kept(scene):
     volume_node = _volume(scene)
     node, (target,) = add_segmentation(scene, volume_node, ("target",))
-    run = np.zeros((8, 24, 32), np.uint8)
-    run[:, 6:18, 8:24] = 1
-    logic.apply_labels(volume_node, node, target, (0, 0, 2), run)  # a run over slices 2..9
-    assert logic.edited_slices(node, target, volume_node, 2) == []
+    first = np.zeros((8, 24, 32), np.uint8)
+    first[:, 6:18, 8:24] = 1
+    segments.apply_labels(volume_node, node, target, (0, 0, 2), first)  # a run over slices 2..9
+    assert segments.edited_slices(node, target, volume_node, 2) == []
 
     _paint(node, target, volume_node, 5, slice(0, 3), slice(0, 4))  # added voxels on a run slice
     _paint(node, target, volume_node, 7, slice(6, 18), slice(8, 24), value=0)  # a run slice erased
     _paint(node, target, volume_node, 11, slice(2, 5), slice(2, 5))  # a slice no run wrote
-    assert logic.edited_slices(node, target, volume_node, 2) == [5, 7, 11]
-    kept = logic.segment_array(node, target, volume_node)
+    assert segments.edited_slices(node, target, volume_node, 2) == [5, 7, 11]
+    kept = segments.segment_array(node, target, volume_node)
 
     # the next run is told, and its result leaves those slices alone
     roi_a = add_roi(scene, ijk_to_ras_point(volume_node, (16, 12, 3)), (10.0, 10.0, 1.0), "a")
     roi_b = add_roi(scene, ijk_to_ras_point(volume_node, (16, 12, 11)), (10.0, 10.0, 1.0), "b")
-    request = logic.prepare_run(volume_node, node, target, [roi_a, roi_b])
+    request = run.prepare_run(volume_node, node, target, [roi_a, roi_b])
     assert request.locked_slices == [5, 7, 11]
     assert request.document["segments"][0]["locked_slices"] == [5, 7, 11]
     np.testing.assert_array_equal(request.existing, kept)
@@ -160,22 +160,22 @@ def test_hand_edits_become_locked_slices_and_are_kept(scene):
 
     new = np.zeros((9, 24, 32), np.uint16)
     new[:, 2:20, 4:28] = 1
-    applied = logic.apply_labels(volume_node, node, target, (0, 0, 3), new, locked_slices=request.locked_slices)
+    applied = segments.apply_labels(volume_node, node, target, (0, 0, 3), new, locked_slices=request.locked_slices)
     assert applied.locked_slices == [5, 7, 11]
     assert applied.changed_slices == [3, 4, 6, 8, 9, 10]
-    after = logic.segment_array(node, target, volume_node)
+    after = segments.segment_array(node, target, volume_node)
     for k in (5, 7, 11):
         np.testing.assert_array_equal(after[k], kept[k])
     np.testing.assert_array_equal(after[[3, 4, 6, 8, 9, 10]], new[[0, 1, 3, 5, 6, 7]])
     # locked slices stay locked on the run after that
-    assert logic.edited_slices(node, target, volume_node, 2) == [5, 7, 11]
+    assert segments.edited_slices(node, target, volume_node, 2) == [5, 7, 11]
 
 
 def test_run_record_survives_saving_and_loading(scene, tmp_path):
     """The digests live in a segment tag, which the .seg.nrrd keeps."""
     volume_node = _volume(scene)
     node, (target,) = add_segmentation(scene, volume_node, ("target",))
-    logic.apply_labels(volume_node, node, target, (0, 0, 0), _blobs(1))
+    segments.apply_labels(volume_node, node, target, (0, 0, 0), _blobs(1))
     _paint(node, target, volume_node, 4, slice(0, 2), slice(0, 2))
     path = str(tmp_path / "saved.seg.nrrd")
     writer = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
@@ -187,7 +187,7 @@ def test_run_record_survives_saving_and_loading(scene, tmp_path):
     reader.SetFileName(path)
     assert reader.ReadData(loaded)
     loaded_id = loaded.GetSegmentation().GetNthSegmentID(0)
-    assert logic.edited_slices(loaded, loaded_id, volume_node, 2) == [4]
+    assert segments.edited_slices(loaded, loaded_id, volume_node, 2) == [4]
 
 
 def test_nothing_is_written_when_the_run_fails(scene):
@@ -203,27 +203,27 @@ def test_nothing_is_written_when_the_run_fails(scene):
     volume_node = _volume(scene)
     node, ids, contents = _filled(scene, volume_node)
     roi = add_roi(scene, ijk_to_ras_point(volume_node, (16, 12, 4)), (10.0, 10.0, 1.0))
-    logic.tag_keyframe(roi, node, ids[0])
+    keyframes.tag_keyframe(roi, node, ids[0])
     tag_before = vtk.reference("")
-    node.GetSegmentation().GetSegment(ids[0]).GetTag(logic.DIGEST_TAG, tag_before)
+    node.GetSegmentation().GetSegment(ids[0]).GetTag(segments.DIGEST_TAG, tag_before)
     with pytest.raises(RuntimeError, match="out of memory"):
-        logic.run_segmentation(FailingClient(), volume_node, node, ids[0])
+        run.run_segmentation(FailingClient(), volume_node, node, ids[0])
     after = _all_segments(node, volume_node)
     for segment_id, content in contents.items():
         np.testing.assert_array_equal(after[segment_id], content)
     tag_after = vtk.reference("")
-    node.GetSegmentation().GetSegment(ids[0]).GetTag(logic.DIGEST_TAG, tag_after)
+    node.GetSegmentation().GetSegment(ids[0]).GetTag(segments.DIGEST_TAG, tag_after)
     assert str(tag_after) == str(tag_before)
 
 
 def test_a_block_that_does_not_fit_is_refused_before_writing(scene):
     volume_node = _volume(scene)
     node, ids, contents = _filled(scene, volume_node, ("target",))
-    with pytest.raises(logic.InputError, match="does not fit the volume"):
-        logic.apply_labels(volume_node, node, ids[0], (0, 0, 10), np.ones((4, 24, 32), np.uint8))
-    with pytest.raises(logic.InputError, match="integer array"):
-        logic.apply_labels(volume_node, node, ids[0], (0, 0, 0), np.ones((4, 24, 32), np.float32))
-    np.testing.assert_array_equal(logic.segment_array(node, ids[0], volume_node), contents[ids[0]])
+    with pytest.raises(errors.InputError, match="does not fit the volume"):
+        segments.apply_labels(volume_node, node, ids[0], (0, 0, 10), np.ones((4, 24, 32), np.uint8))
+    with pytest.raises(errors.InputError, match="integer array"):
+        segments.apply_labels(volume_node, node, ids[0], (0, 0, 0), np.ones((4, 24, 32), np.float32))
+    np.testing.assert_array_equal(segments.segment_array(node, ids[0], volume_node), contents[ids[0]])
 
 
 def test_oblique_volume_and_transformed_segmentation(scene):
@@ -234,21 +234,21 @@ def test_oblique_volume_and_transformed_segmentation(scene):
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
     shift = np.eye(4)
     shift[:3, 3] = (3.0, -7.0, 11.0)
-    transform.SetMatrixTransformToParent(logic.vtk_matrix_from_array(shift))
+    transform.SetMatrixTransformToParent(geometry.vtk_matrix_from_array(shift))
     node.SetAndObserveTransformNodeID(transform.GetID())
     content = _blobs(4)
-    logic.apply_labels(volume_node, node, target, (0, 0, 0), content)
-    np.testing.assert_array_equal(logic.segment_array(node, target, volume_node), content)
+    segments.apply_labels(volume_node, node, target, (0, 0, 0), content)
+    np.testing.assert_array_equal(segments.segment_array(node, target, volume_node), content)
 
 
 def test_request_result_apply_refuses_swapped_nodes(scene):
     volume_node = _volume(scene)
     node, (target,) = add_segmentation(scene, volume_node, ("target",))
     roi = add_roi(scene, ijk_to_ras_point(volume_node, (16, 12, 4)), (10.0, 10.0, 1.0))
-    request = logic.prepare_run(volume_node, node, target, [roi])
-    result = logic.RunResult(session=None, ijk_offset=(0, 0, 4), labels=np.ones((1, 24, 32), np.uint8), seconds=0.0)
+    request = run.prepare_run(volume_node, node, target, [roi])
+    result = run.RunResult(session=None, ijk_offset=(0, 0, 4), labels=np.ones((1, 24, 32), np.uint8), seconds=0.0)
     other, _ = add_segmentation(scene, volume_node, ("x",))
-    with pytest.raises(logic.InputError, match="changed while the run"):
-        logic.apply_run(request, result, volume_node, other)
-    applied = logic.apply_run(request, result, volume_node, node)
+    with pytest.raises(errors.InputError, match="changed while the run"):
+        run.apply_run(request, result, volume_node, other)
+    applied = run.apply_run(request, result, volume_node, node)
     assert applied.changed_slices == [4]

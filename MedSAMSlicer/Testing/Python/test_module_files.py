@@ -99,21 +99,21 @@ def test_ui_file_is_designer_xml_with_declared_custom_widgets():
     assert {"volumeSelector", "segmentationSelector", "segmentSelector"} <= receivers
 
 
-def test_combo_boxes_match_the_widget_constants():
-    """The widget maps combo-box positions to names; the .ui's items must be in the same order and number."""
-    with open(WIDGET_SOURCE) as handle:
-        tree = ast.parse(handle.read())
-    constants = {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body
-                 if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
-                 and node.targets[0].id in ("MODELS", "WINDOWS")}
+def test_the_panel_names_models_and_windows_from_the_protocol_only():
+    """The combo boxes are filled from ``protocol`` (names and labels), so the .ui holds no second list."""
+    from MedSAMSlicerLib import protocol
+
     root = ET.parse(UI_FILE).getroot()
     items = {w.get("name"): [i.find("property/string").text for i in w.findall("item")]
              for w in root.iter("widget") if w.get("class") == "QComboBox"}
-    assert len(items["modelComboBox"]) == len(constants["MODELS"])
-    assert items["modelComboBox"][0].startswith("LiteMedSAM") and constants["MODELS"][0] == "litemedsam"
-    assert len(items["windowComboBox"]) == len(constants["WINDOWS"])
-    assert items["windowComboBox"][0].startswith("Auto") and constants["WINDOWS"][0] == "auto"
+    assert items["modelComboBox"] == [] and items["windowComboBox"] == []
     assert items["modeComboBox"] == ["assisted", "manual"]
+    assert list(protocol.MODEL_LABELS) == list(protocol.MODEL_NAMES)
+    assert list(protocol.WINDOW_LABELS) == list(protocol.WINDOW_NAMES)
+    with open(WIDGET_SOURCE) as handle:
+        source = handle.read()
+    for name in (*protocol.MODEL_NAMES, *protocol.WINDOW_NAMES):
+        assert f'"{name}"' not in source, f"the widget spells the name {name!r} itself"
 
 
 def test_every_module_file_is_listed_in_its_cmakelists():

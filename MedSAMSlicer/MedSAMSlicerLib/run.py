@@ -1,0 +1,128 @@
+"""A run in three steps, so that the slow one can leave the UI thread.
+
+``prepare_run`` (reads MRML, main thread) -> ``execute_run`` (server call, arrays only, any
+thread) -> ``apply_run`` (writes the segment, main thread). A failed or cancelled
+``execute_run`` never reaches ``apply_run``, so the segmentation is untouched.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+from .geometry import VolumeArray, volume_array
+from .keyframes import flatten_roi, keyframe_nodes, line_keyframe, prompt_document, roi_keyframe, slicing_axis
+from .segments import AppliedRun, apply_labels, edited_slices, find_segment, segment_array
+
+
+@dataclass
+class RunRequest:
+    """Everything a run needs, detached from MRML: made on the main thread, sent from a worker."""
+
+    volume: VolumeArray
+    document: dict
+    axis: int
+    segment_id: str
+    locked_slices: list[int]
+    existing: np.ndarray | None  # (k, j, i) uint16, label 1 = the segment; sent when slices are locked
+    keyframe_count: int
+    keyframe_spacing: float | None  # mean slices between neighbouring keyframes
+    volume_node_id: str = ""
+    segmentation_node_id: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunResult:
+    session: Any
+    ijk_offset: tuple[int, int, int]
+    labels: np.ndarray  # (k, j, i) block; (0, 0, 0) when the run changed nothing
+    seconds: float  # wall time of upload (if any) and annotate, as the client saw it
+    summary: dict = field(default_factory=dict)  # the server's report: per segment, seconds, cache, notes
+
+    @property
+    def server_seconds(self) -> float | None:
+        """The server's own compute time (embedding + decoding), when it reports it."""
+        seconds = self.summary.get("seconds") if isinstance(self.summary, dict) else None
+        if isinstance(seconds, dict) and seconds:
+            return float(sum(float(v) for v in seconds.values()))
+        return None
+
+
+def prepare_run(volume_node, segmentation_node, segment_id: str, roi_nodes: Sequence | None = None,
+                line_nodes: Sequence | None = None, window: Any = "auto", axis: int | None = None,
+                flatten: bool = True) -> RunRequest:
+    """Read volume, keyframes and hand edits into a :class:`RunRequest` (main thread).
+
+    Keyframes default to the markups tagged for the segment (``keyframe_nodes``). ``flatten`` snaps
+    each ROI onto its slice so that what the user sees is what is sent.
+    """
+    target = find_segment(segmentation_node, segment_id)
+    if roi_nodes is None and line_nodes is None:
+        roi_nodes, line_nodes = keyframe_nodes(segmentation_node, segment_id)
+    roi_nodes, line_nodes = list(roi_nodes or ()), list(line_nodes or ())
+    volume = volume_array(volume_node)
+    axis = slicing_axis(volume, roi_nodes, line_nodes, axis)
+    boxes = [(flatten_roi if flatten else roi_keyframe)(roi, volume, axis) for roi in roi_nodes]
+    lines = [line_keyframe(line, volume, axis) for line in line_nodes]
+    current = segment_array(segmentation_node, segment_id, volume_node)
+    locked = edited_slices(segmentation_node, segment_id, volume_node, axis, current)
+    document = prompt_document(axis, boxes, lines, target.GetName(), window, locked)
+    existing = current.astype(np.uint16) if locked else None
+    slices = sorted({k.slice for k in boxes} | {k.slice for k in lines})
+    spacing = float(np.mean(np.diff(slices))) if len(slices) > 1 else None
+    return RunRequest(volume=volume, document=document, axis=axis, segment_id=segment_id, locked_slices=locked,
+                      existing=existing, keyframe_count=len(slices), keyframe_spacing=spacing,
+                      volume_node_id=volume_node.GetID() or "", segmentation_node_id=segmentation_node.GetID() or "",
+                      notes=list(volume.notes))
+
+
+def upload(client, volume: VolumeArray):
+    """Upload a volume (``MedSAMClient.upload_volume``: spacing (i, j, k), origin and direction LPS); a session."""
+    return client.upload_volume(volume.array, volume.spacing, origin=volume.origin_lps, direction=volume.direction_lps)
+
+
+def execute_run(client, request: RunRequest, session: Any = None, progress: Callable | None = None,
+                cancel: Any = None) -> RunResult:
+    """Upload the volume (unless ``session`` is given) and run the prompt document on the server.
+
+    Touches no MRML, so it may run in a worker thread. Exceptions (server errors, cancellation)
+    propagate; the caller then skips ``apply_run`` and the segmentation stays as it was.
+    """
+    start = time.perf_counter()
+    if session is None:
+        session = upload(client, request.volume)
+    offset, labels, summary = client.annotate(session, request.document, existing=request.existing,
+                                              progress=progress, cancel=cancel)
+    return RunResult(session=session, ijk_offset=tuple(int(v) for v in offset), labels=np.asarray(labels),
+                     seconds=time.perf_counter() - start, summary=dict(summary or {}))
+
+
+def apply_run(request: RunRequest, result: RunResult, volume_node, segmentation_node,
+              save_undo_state: Callable[[], Any] | None = None) -> AppliedRun:
+    """Write a finished run into its segment (main thread); refuses if the nodes are not the request's."""
+    if (volume_node.GetID() or "") != request.volume_node_id or \
+            (segmentation_node.GetID() or "") != request.segmentation_node_id:
+        raise InputError("the volume or segmentation changed while the run was going; run Segment again")
+    if tuple(reversed(volume_node.GetImageData().GetDimensions())) != request.volume.array.shape[:3]:
+        raise InputError("the volume's size changed while the run was going; run Segment again")
+    label = int(request.document["segments"][0]["label"])
+    return apply_labels(volume_node, segmentation_node, request.segment_id, result.ijk_offset, result.labels,
+                        label=label, axis=request.axis, locked_slices=request.locked_slices,
+                        save_undo_state=save_undo_state)
+
+
+def run_segmentation(client, volume_node, segmentation_node, segment_id: str, *, roi_nodes=None, line_nodes=None,
+                     window: Any = "auto", axis: int | None = None, session: Any = None,
+                     progress: Callable | None = None, cancel: Any = None,
+                     save_undo_state: Callable[[], Any] | None = None) -> tuple[AppliedRun, RunResult]:
+    """``prepare_run`` + ``execute_run`` + ``apply_run`` in one blocking call (scripts and tests)."""
+    request = prepare_run(volume_node, segmentation_node, segment_id, roi_nodes, line_nodes, window, axis)
+    result = execute_run(client, request, session=session, progress=progress, cancel=cancel)
+    return apply_run(request, result, volume_node, segmentation_node, save_undo_state), result
+
