@@ -84,7 +84,7 @@ class LocalServer:
         else:
             self.notes = ["The installed MedSAM server is older than this extension and does not know "
                           f"{WATCH_PID_OPTION}: if Slicer crashes, it keeps running until you end it. "
-                          "The module reinstalls the server it carries when that one is newer (see the README, In 3D Slicer)."]
+                          "The module reinstalls the server it carries when that one is newer."]
         return command + self.extra_args
 
     def start(self) -> tuple[str, str]:
