@@ -11,7 +11,7 @@ $(STAMP): server/pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned: the versions that lie on local disk (a CUDA build that also runs on the CPU)
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet -e 'server[test]'
+	$(PY) -m pip install --quiet -e 'server[test,ray]'
 	touch $(STAMP)
 
 demo: $(STAMP)

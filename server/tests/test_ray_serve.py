@@ -1,0 +1,218 @@
+"""``medsam serve --replicas 2`` for real: a local Ray cluster, two LiteMedSAM replicas on the CPU, the real CT.
+
+One cluster for the module (starting Ray and two replicas costs about a minute on the shared 2-core
+machine); a single-process server with the same settings runs beside it for the "same answers" checks.
+Model work is kept to a few 128x128 axial slices of slicerio's CTChest4.
+"""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray", reason="the Ray tests need the ray extra: pip install -e 'server[ray]'")
+serve = pytest.importorskip("ray.serve", reason="the Ray tests need the ray extra: pip install -e 'server[ray]'")
+
+from engine_data import LEFT_LUNG, RIGHT_LUNG, bounding_box, ct_volume  # noqa: E402
+from medsam_server.api import Settings  # noqa: E402
+from medsam_server.ray_serve import APP_NAME, REPLICA_HEADER, Gate, Placement, Router, ScaleOut, application  # noqa: E402
+from server_harness import free_port, load_client_module, running_server  # noqa: E402
+
+client_module = load_client_module()
+
+ALICE, BOB, CAROL = "alice-" + "a" * 26, "bob-" + "b" * 28, "carol-" + "c" * 26
+WINDOW = "ct-lung"
+SLICES = slice(19, 21)  # two axial slices with both lungs
+MAX_SESSIONS, PER_TOKEN = 3, 2
+
+
+def settings() -> Settings:
+    return Settings(tokens=(ALICE, BOB, CAROL), device="cpu", max_upload_mb=1, max_sessions=MAX_SESSIONS)
+
+
+class Recording(client_module.MedSAMClient):
+    """The Slicer module's client, keeping every answer's replica header and its raw body."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.answers: list[tuple[str, str, str | None, bytes]] = []
+
+    def _request(self, method, path, *args, **kwargs):
+        status, headers, body = super()._request(method, path, *args, **kwargs)
+        self.answers.append((method, path, headers.get(REPLICA_HEADER), body))
+        return status, headers, body
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False,
+             configure_logging=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(application(settings(), ScaleOut(replicas=2, max_sessions_per_token=PER_TOKEN)), name=APP_NAME,
+              route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def single(litemedsam):
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each replica (one CPU each): the same kernels, so the same bits
+    with running_server(settings(), model=litemedsam) as (url, _):
+        yield url
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def scan():
+    volume, labels, direction = ct_volume()
+    sub = np.ascontiguousarray(volume[SLICES])
+    boxes = [{lung: bounding_box(labels[SLICES][k] == lung).tolist() for lung in (RIGHT_LUNG, LEFT_LUNG)}
+             for k in range(sub.shape[0])]
+    return sub, direction, boxes
+
+
+def reader_script(client, session, boxes) -> None:
+    """What a reader does: boxes on each slice, a corrected box on a cached slice, a propagated annotation."""
+    for k, lungs in enumerate(boxes):
+        client.segment(session, [{"slice": k, "box": lungs[RIGHT_LUNG]}], window=WINDOW)
+    client.segment(session, [{"slice": 0, "box": np.add(boxes[0][LEFT_LUNG], [1, -1, 2, 1]).tolist()}],
+                   window=WINDOW)
+    document = {"axis": 2, "window": WINDOW, "segments": [
+        {"name": "left lung", "label": 6, "boxes": [{"slice": k, "box": lungs[LEFT_LUNG]}
+                                                    for k, lungs in enumerate(boxes)]}]}
+    client.annotate(session, document)
+
+
+def envelopes(client) -> list[tuple[str, dict, bytes]]:
+    """The model's answers: masks and labelmaps (envelopes; JSON answers carry random ids), the header without
+    the run's timings, and the array's bytes."""
+    answers = []
+    for method, _, _, body in client.answers:
+        if body[:4] == b"MSW1":
+            header, array = client_module.decode_envelope(body, ("uint8", "uint16"))
+            header.get("summary", {}).pop("seconds", None)
+            answers.append((method, header, array.tobytes()))
+    return answers
+
+
+def info(url: str, token: str = ALICE) -> dict:
+    return client_module.MedSAMClient(url, token=token).info()
+
+
+def replica_of(client, session) -> int:
+    replicas = {replica for _, path, replica, _ in client.answers if session.id in path}
+    assert len(replicas) == 1, f"session {session.id} was served by replicas {replicas}"
+    return int(replicas.pop())
+
+
+def test_each_session_stays_on_its_replica_and_answers_bit_identically_to_one_process(cluster, single, scan):
+    sub, direction, boxes = scan
+    alone = Recording(single, token=ALICE)
+    reader_script(alone, alone.upload_volume(sub, direction=direction), boxes)
+
+    alice, bob = Recording(cluster, token=ALICE), Recording(cluster, token=BOB)
+    sessions = [alice.upload_volume(sub, direction=direction), bob.upload_volume(sub, direction=direction)]
+    for client, session in zip((alice, bob), sessions):
+        reader_script(client, session, boxes)
+        assert envelopes(client) == envelopes(alone)  # masks and labelmap, bit for bit
+        assert len(envelopes(client)) == len(boxes) + 2
+
+    # Affinity: every request of a session reached one replica; the two new sessions went to different ones.
+    assert {replica_of(alice, sessions[0]), replica_of(bob, sessions[1])} == {0, 1}
+    status = info(cluster)
+    assert [r["sessions"] for r in status["replicas"]] == [1, 1] and status["sessions"] == 2
+    for replica in status["replicas"]:  # each replica encoded its own session's slices once, then hit its cache
+        assert replica["alive"] and replica["worker"]["encoded_slices"] == len(boxes)
+        assert replica["cache"]["hits"] > 0
+    assert status["cache"]["bytes"] == sum(r["cache"]["bytes"] for r in status["replicas"])
+    alice.delete(sessions[0])
+    bob.delete(sessions[1])
+    assert info(cluster)["sessions"] == 0
+
+
+def test_tokens_and_limits_hold_across_replicas(cluster, scan):
+    sub, direction, _ = scan
+    assert httpx.get(cluster + "/health").json() == {"status": "ok"}
+    assert httpx.get(cluster + "/info").status_code == 401
+    wrong = httpx.get(cluster + "/info", headers={"Authorization": "Bearer " + "x" * 32})
+    assert wrong.status_code == 403 and wrong.json()["code"] == "forbidden"
+
+    alice, bob, carol = (client_module.MedSAMClient(cluster, token=t) for t in (ALICE, BOB, CAROL))
+    mine = [alice.upload_volume(sub[:1], direction=direction) for _ in range(PER_TOKEN)]
+    with pytest.raises(client_module.ServerError, match="this token holds its maximum of 2") as refused:
+        alice.upload_volume(sub[:1], direction=direction)
+    assert refused.value.status == 429
+    with pytest.raises(client_module.UnknownSession):  # another token cannot use alice's session
+        bob.session_info(mine[0])
+    bobs = bob.upload_volume(sub[:1], direction=direction)
+    with pytest.raises(client_module.ServerError, match="maximum of 3 sessions") as full:
+        carol.upload_volume(sub[:1], direction=direction)
+    assert full.value.status == 429
+    assert [r["sessions"] for r in info(cluster)["replicas"]] in ([2, 1], [1, 2])  # spread, least loaded first
+
+    too_big = httpx.post(cluster + "/sessions", content=b"\0" * (2 * 2**20), headers={
+        "Authorization": f"Bearer {CAROL}", "Content-Type": "application/vnd.medsam.array"})
+    assert too_big.status_code == 413 and too_big.json()["code"] == "too_large"
+
+    for session in mine:
+        alice.delete(session)
+    bob.delete(bobs)
+    carol.delete(carol.upload_volume(sub[:1], direction=direction))  # room again once sessions are deleted
+    assert info(cluster)["sessions"] == 0
+
+
+def test_idle_sessions_leave_the_ingress_count():
+    router = Router(2, Gate((), max_sessions=1, max_sessions_per_token=None, idle_seconds=60, max_body_bytes=1))
+    router.incarnations = ["a", "b"]
+    router.sessions["s"] = Placement(0, "a", "", last_used=time.monotonic())
+    assert "maximum of 1 sessions" in router.refusal("")
+    router.expire(now=time.monotonic() + 61)
+    assert router.refusal("") is None and router.order() == [0, 1]
+
+
+def _kill_replica(index: int) -> None:
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#MedSAMReplica{index}#"):
+            ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+            return
+    raise AssertionError(f"no actor of replica {index}")
+
+
+def test_a_killed_replica_loses_only_its_sessions_and_is_replaced(cluster, scan):
+    sub, direction, boxes = scan
+    alice, bob = Recording(cluster, token=ALICE), Recording(cluster, token=BOB)
+    doomed, kept = alice.upload_volume(sub[:1], direction=direction), bob.upload_volume(sub[:1], direction=direction)
+    request = [{"slice": 0, "box": boxes[0][RIGHT_LUNG]}]
+    before = {s.id: c.segment(s, request, window=WINDOW)[0] for c, s in ((alice, doomed), (bob, kept))}
+    victim = replica_of(alice, doomed)
+    old = info(cluster)["replicas"][victim]["incarnation"]
+    assert replica_of(bob, kept) != victim
+
+    _kill_replica(victim)
+    with pytest.raises(client_module.ServerError, match="lost session") as lost:
+        alice.segment(doomed, request, window=WINDOW)
+    assert lost.value.status == 410 and lost.value.code == "session_lost"
+    np.testing.assert_array_equal(bob.segment(kept, request, window=WINDOW)[0], before[kept.id])
+    with pytest.raises(client_module.ServerError, match="lost session"):  # and stays lost, quickly
+        alice.session_info(doomed)
+
+    deadline = time.monotonic() + 120
+    while True:  # Serve starts a new replica in its place
+        status = info(cluster)["replicas"][victim]
+        if status["alive"] and status["incarnation"] not in (None, old):
+            break
+        assert time.monotonic() < deadline, "Ray Serve did not replace the killed replica within 120 s"
+        time.sleep(1.0)
+    again = alice.upload_volume(sub[:1], direction=direction)  # the fresh replica holds fewest: it takes it
+    np.testing.assert_array_equal(alice.segment(again, request, window=WINDOW)[0], before[doomed.id])
+    assert replica_of(alice, again) == victim
+    alice.delete(again)
+    bob.delete(kept)
