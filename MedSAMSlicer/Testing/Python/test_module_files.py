@@ -21,7 +21,7 @@ ICON_FILE = os.path.join(MODULE_DIR, "Resources", "Icons", f"{MODULE_NAME}.png")
 CATALOG_FIELDS = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
                   "build_subdirectory", "enabled", "tier"}
 CATALOG_REQUIRED = {"$schema", "category", "scm_url"}
-NOT_INSTALLED = {"CMakeLists.txt"}  # build files, not module content
+NOT_INSTALLED = {"CMakeLists.txt", "BundleServer.cmake"}  # build files, not module content
 
 
 def _module_files() -> list[str]:
