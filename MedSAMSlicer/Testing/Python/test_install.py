@@ -10,9 +10,9 @@ import subprocess
 import sys
 import textwrap
 import threading
-import tomllib
 
 import pytest
+import tomllib
 from packaging.requirements import Requirement
 from packaging.version import Version
 
