@@ -360,6 +360,7 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if className == "vtkMRMLMarkupsROINode":
             display.SetFillOpacity(0.0)
         self._placing = (node, kind)
+        self.addObserver(node, node.PointPositionDefinedEvent, self._onFirstPointPlaced)
         selectionNode = slicer.app.applicationLogic().GetSelectionNode()
         selectionNode.SetReferenceActivePlaceNodeClassName(className)
         selectionNode.SetActivePlaceNodeID(node.GetID())
@@ -379,37 +380,21 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _keyframePlaced(self, node, kind):
         if node.GetScene() is None:
             return
-        needed = 1 if node.IsA("vtkMRMLMarkupsROINode") else 2
-        if node.GetNumberOfDefinedControlPoints() < needed:
-            slicer.mrmlScene.RemoveNode(node)  # placement abandoned
-            self.ui.statusLabel.text = ""
-            return
         volumeNode = self.ui.volumeSelector.currentNode()
-        if node.IsA("vtkMRMLMarkupsROINode") and volumeNode is not None:
-            try:
-                volume = geometry.volume_array(volumeNode, copy=False)
-                keyframe = keyframes.flatten_roi(node, volume, self._placementAxis(node, volume))
-                self.ui.statusLabel.text = f"Box on slice {keyframe.slice}."
-            except errors.InputError as error:
-                self.ui.statusLabel.text = str(error)
-        if kind == "long axis":
+        if volumeNode is None:
+            return
+        keyframe, status = keyframes.finish_placement(node, geometry.volume_array(volumeNode, copy=False))
+        self.ui.statusLabel.text = status
+        if keyframe is not None and kind == "long axis":
             with slicer.util.tryWithErrorDisplay("Could not start drawing the short axis."):
                 self._startKeyframe("vtkMRMLMarkupsLineNode", "short axis")
         self._scheduleKeyframeRefresh()
 
-    @staticmethod
-    def _placementAxis(roiNode, volume):
-        """The axis of the slice a box was drawn on: from its own shape when it is flat, else from the one slice
-        view whose plane runs through its centre, else the logic's default (axial)."""
-        flat = keyframes.roi_flat_axis(roiNode, volume)
-        if flat is not None:
-            return flat
-        centre = [0.0, 0.0, 0.0]
-        roiNode.GetCenterWorld(centre)
-        sliceNodes = [slicer.app.layoutManager().sliceWidget(name).mrmlSliceNode()
-                      for name in slicer.app.layoutManager().sliceViewNames()]
-        view = geometry.view_through(sliceNodes, centre)
-        return geometry.view_axis(view, volume) if view is not None else keyframes.slicing_axis(volume)
+    def _onFirstPointPlaced(self, node, event):
+        """The first click of a keyframe: remember the view it is drawn in (see keyframes.record_placement)."""
+        if node.GetNumberOfDefinedControlPoints() == 1 and node.GetNodeReference(keyframes.VIEW_ROLE) is None:
+            crosshair = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
+            keyframes.record_placement(node, crosshair)
 
     def _onSceneNodesChanged(self, caller, event):
         self._scheduleKeyframeRefresh()

@@ -194,21 +194,9 @@ def volume_array(volume_node, copy: bool = True) -> VolumeArray:
         array.flags.writeable = False
     return VolumeArray(array=array, ijk_to_world=ijk_to_world(volume_node), notes=notes)
 
-def view_axis(slice_node, volume: VolumeArray) -> int:
-    """The IJK axis closest to a slice view's normal: the axis along which that view steps through slices."""
-    slice_to_ras = array_from_vtk_matrix(slice_node.GetSliceToRAS())
-    normal = slice_to_ras[:3, 2] / np.linalg.norm(slice_to_ras[:3, 2])
-    return int(np.argmax(np.abs(normal @ volume.direction_ras)))
-
-
-def view_through(slice_nodes: Sequence, point_world: Sequence[float], tolerance_mm: float = 0.5):
-    """The one slice view whose plane passes through ``point_world`` (where a markup was just drawn), else None."""
-    point = np.asarray(point_world, dtype=np.float64)
-    found = []
-    for node in slice_nodes:
-        slice_to_ras = array_from_vtk_matrix(node.GetSliceToRAS())
-        normal = slice_to_ras[:3, 2] / np.linalg.norm(slice_to_ras[:3, 2])
-        if abs((point - slice_to_ras[:3, 3]) @ normal) <= tolerance_mm:
-            found.append(node)
-    return found[0] if len(found) == 1 else None
-
+def grid_axis(direction_world: Sequence[float], volume: VolumeArray) -> tuple[int, float]:
+    """The voxel axis (0, 1, 2) closest to a world direction, and the angle between them in degrees."""
+    direction = np.asarray(direction_world, dtype=np.float64)
+    cosines = np.abs(direction / np.linalg.norm(direction) @ volume.direction_ras)
+    axis = int(np.argmax(cosines))
+    return axis, float(np.degrees(np.arccos(min(1.0, cosines[axis]))))

@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import vtk
 
 from .errors import InputError
 from .geometry import (
     VolumeArray,
     array_from_vtk_matrix,
+    grid_axis,
     in_plane_axes,
     node_name,
     node_to_world,
@@ -23,8 +25,16 @@ from .geometry import (
 )
 from .protocol import WINDOW_NAMES
 
-KEYFRAME_ATTRIBUTE = "MedSAMSlicer.Keyframe"  # on a markups node: "<segmentation node ID>|<segment ID>"
+SEGMENTATION_ROLE = "MedSAMSlicer.Segmentation"  # node reference: keyframe markup -> its segmentation node
+SEGMENT_ATTRIBUTE = "MedSAMSlicer.SegmentID"  # the segment's ID, which a rename does not change
+VIEW_ROLE = "MedSAMSlicer.PlacedInView"  # node reference: keyframe markup -> the slice view it was drawn in
+NORMAL_ATTRIBUTE = "MedSAMSlicer.PlacementNormal"  # that view's normal (RAS) as it was when drawn: "x y z"
+MARKUP_CLASSES = ("vtkMRMLMarkupsROINode", "vtkMRMLMarkupsLineNode")
+OBLIQUE_TOLERANCE_DEGREES = 1.0  # a box's edges may be this far off the voxel grid (< 1 voxel over 50)
+OBLIQUE_FIX = ("rotate the slice view to the volume (slice view menu: Rotate to volume plane) and draw it again, "
+               "or resample the volume into the view's orientation first")
 _EPS = 1e-6
+
 
 @dataclass(frozen=True)
 class BoxKeyframe:
@@ -42,6 +52,75 @@ class LineKeyframe:
     slice: int
     points: tuple[tuple[float, float], tuple[float, float]]
     name: str = ""
+
+
+# ------------------------------------------------------------------------------------------------ placement
+
+
+def record_placement(markups_node, crosshair_node):
+    """Remember the slice view a markup is being drawn in: the view under the mouse at its first click.
+
+    Call when the first control point is placed. Keeps the view (a node reference) and its normal at that
+    moment (the view may be rotated later) with the markup, saved with the scene. Returns the slice node,
+    or None when it was placed elsewhere (a 3D view).
+    """
+    xyz = [0.0, 0.0, 0.0]
+    view = crosshair_node.GetCursorPositionXYZ(xyz) if crosshair_node is not None else None
+    if view is None or not view.IsA("vtkMRMLSliceNode"):
+        return None
+    normal = array_from_vtk_matrix(view.GetSliceToRAS())[:3, 2]
+    markups_node.SetNodeReferenceID(VIEW_ROLE, view.GetID())
+    markups_node.SetAttribute(NORMAL_ATTRIBUTE, " ".join(f"{v:.9g}" for v in normal / np.linalg.norm(normal)))
+    return view
+
+
+def placement_normal(markups_node) -> np.ndarray | None:
+    """The RAS normal of the view a markup was drawn in, when ``record_placement`` saw it."""
+    text = markups_node.GetAttribute(NORMAL_ATTRIBUTE)
+    try:
+        normal = np.array([float(v) for v in text.split()]) if text else None
+    except ValueError:
+        return None
+    return normal if normal is not None and normal.shape == (3,) and np.linalg.norm(normal) > 0 else None
+
+
+def placement_view_name(markups_node) -> str:
+    view = markups_node.GetNodeReference(VIEW_ROLE)
+    return (view.GetLayoutName() or view.GetName()) if view is not None else ""
+
+
+def placement_problem(markups_node) -> str:
+    """Why a markup is not a keyframe as drawn (incomplete or degenerate), in words for the status line; "" if it is."""
+    name = node_name(markups_node)
+    if markups_node.IsA("vtkMRMLMarkupsROINode"):
+        if markups_node.GetNumberOfDefinedControlPoints() < 1:
+            return f"box '{name}' was not placed"
+        extents = sorted(float(v) for v in markups_node.GetSize())
+        if extents[1] <= _EPS:  # one click leaves a point; two on the same spot a line at most
+            return f"box '{name}' was left after its first corner: draw a box with two clicks (opposite corners)"
+        return ""
+    if markups_node.GetNumberOfDefinedControlPoints() < 2:
+        return f"line '{name}' was left after its first end: click both ends of the axis"
+    ends = line_points_world(markups_node)
+    if np.linalg.norm(ends[1] - ends[0]) <= _EPS:
+        return f"line '{name}' has both ends on one point"
+    return ""
+
+
+def _placement_axis(markups_node, volume: VolumeArray) -> int | None:
+    """The voxel axis of the view a markup was drawn in; InputError if that view is oblique to the voxel grid."""
+    normal = placement_normal(markups_node)
+    if normal is None:
+        return None
+    axis, degrees = grid_axis(normal, volume)
+    if degrees > OBLIQUE_TOLERANCE_DEGREES:
+        view = placement_view_name(markups_node) or "slice"
+        raise InputError(f"'{node_name(markups_node)}' was drawn in the {view} view, which is {degrees:.1f} degrees "
+                         f"off the volume's slices; MedSAM takes boxes on the volume's own slices: {OBLIQUE_FIX}")
+    return axis
+
+
+# ------------------------------------------------------------------------------------------------ geometry of markups
 
 
 def roi_corners_world(roi_node) -> np.ndarray:
@@ -82,14 +161,30 @@ def roi_flat_axis(roi_node, volume: VolumeArray) -> int | None:
     return _flat_axis(corners.max(axis=0) - corners.min(axis=0))
 
 
+def _line_axis(line_node, volume: VolumeArray) -> int | None:
+    ends = volume.world_to_ijk(line_points_world(line_node))
+    constant = [a for a in range(3) if abs(ends[0, a] - ends[1, a]) < 0.5]
+    return constant[0] if len(constant) == 1 else None
+
+
+def marker_axis(markups_node, volume: VolumeArray) -> int | None:
+    """The voxel axis of a keyframe's slice: the view it was drawn in when recorded, else its own shape."""
+    axis = _placement_axis(markups_node, volume)
+    if axis is not None:
+        return axis
+    if markups_node.IsA("vtkMRMLMarkupsROINode"):
+        return roi_flat_axis(markups_node, volume)
+    return _line_axis(markups_node, volume)
+
+
 def slicing_axis(volume: VolumeArray, roi_nodes: Sequence = (), line_nodes: Sequence = (),
                  axis: int | None = None) -> int:
     """The IJK axis along which keyframes are slices.
 
-    In order: the one axis of a single-slice volume; ``axis`` when given (e.g. the slice view the
-    user works in); the axis along which the ROIs are flat (after ``flatten_roi`` or when drawn
-    thin); the axis along which every line keeps one index; else the IJK axis closest to
-    superior-inferior (axial slices).
+    In order: the one axis of a single-slice volume; ``axis`` when given; the axis of the view the
+    markups were drawn in (recorded at placement) or, for markups without that record, the axis along
+    which an ROI is flat or a line keeps one index; else the IJK axis closest to superior-inferior (axial).
+    Markups of one segment in different orientations are an error naming them.
     """
     size = volume.size_ijk
     single = [a for a in range(3) if size[a] == 1]
@@ -100,24 +195,16 @@ def slicing_axis(volume: VolumeArray, roi_nodes: Sequence = (), line_nodes: Sequ
             raise InputError(f"axis must be 0, 1 or 2, got {axis!r}")
         return int(axis)
     votes: dict[int, list[str]] = {}
-    for roi in roi_nodes:
-        flat = roi_flat_axis(roi, volume)
-        if flat is not None:
-            votes.setdefault(flat, []).append(node_name(roi))
+    for node in [*roi_nodes, *line_nodes]:
+        found = marker_axis(node, volume)
+        if found is not None:
+            votes.setdefault(found, []).append(node_name(node))
     if len(votes) > 1:
         detail = "; ".join(f"axis {a}: {', '.join(names)}" for a, names in sorted(votes.items()))
-        raise InputError(f"the keyframe boxes lie in different slice orientations ({detail}); "
-                         "draw all boxes of a segment in the same view")
+        raise InputError(f"the keyframes lie in different slice orientations ({detail}); "
+                         "draw all keyframes of a segment in the same view")
     if votes:
         return next(iter(votes))
-    line_axes = set()
-    for line in line_nodes:
-        ends = volume.world_to_ijk(line_points_world(line))
-        constant = [a for a in range(3) if abs(ends[0, a] - ends[1, a]) < 0.5]
-        if len(constant) == 1:
-            line_axes.add(constant[0])
-    if len(line_axes) == 1:
-        return line_axes.pop()
     return int(np.argmax(np.abs(volume.direction_ras[2, :])))
 
 
@@ -144,11 +231,31 @@ def _inclusive_range(lo: float, hi: float, n: int, what: str) -> tuple[int, int]
     return first, last
 
 
+def _check_in_plane_alignment(roi_node, volume: VolumeArray, axis: int) -> None:
+    """A box is a rectangle of voxels: the ROI's two in-plane edges must run along the slice's voxel rows and
+    columns. A rotated ROI's axis-aligned bounds would be a bigger box than the one drawn, so it is refused."""
+    object_to_world = array_from_vtk_matrix(roi_node.GetObjectToWorldMatrix())[:3, :3]
+    found = [grid_axis(object_to_world[:, n], volume) for n in range(3)]
+    depth = int(np.argmin([degrees if a == axis else 180.0 for a, degrees in found]))
+    in_plane = [found[n] for n in range(3) if n != depth]
+    worst = max(degrees for _, degrees in in_plane)
+    if found[depth][0] != axis or {a for a, _ in in_plane} != set(in_plane_axes(axis)) or \
+            worst > OBLIQUE_TOLERANCE_DEGREES:
+        raise InputError(f"box '{node_name(roi_node)}' is rotated {worst:.1f} degrees to the voxel grid of the "
+                         f"volume's slices, so no box of voxels matches it: {OBLIQUE_FIX}")
+
+
 def roi_keyframe(roi_node, volume: VolumeArray, axis: int) -> BoxKeyframe:
     """The slice and IJK box of a keyframe ROI, for any volume orientation (axial, coronal, sagittal, oblique).
 
     The slice is the one holding the ROI's centre; the box covers every voxel the ROI overlaps in-plane.
+    The ROI's edges must follow the slice's voxel grid (``OBLIQUE_TOLERANCE_DEGREES``); an incomplete
+    ROI (one click) or one rotated to the grid is refused with what to do.
     """
+    problem = placement_problem(roi_node)
+    if problem:
+        raise InputError(problem)
+    _check_in_plane_alignment(roi_node, volume, axis)
     name = node_name(roi_node)
     corners = volume.world_to_ijk(roi_corners_world(roi_node))
     size = volume.size_ijk
@@ -191,6 +298,9 @@ def flatten_roi(roi_node, volume: VolumeArray, axis: int) -> BoxKeyframe:
 
 def line_keyframe(line_node, volume: VolumeArray, axis: int) -> LineKeyframe:
     """A RECIST axis (markups line) as a line on its slice; both ends must lie on the same slice."""
+    problem = placement_problem(line_node)
+    if problem:
+        raise InputError(problem)
     name = node_name(line_node)
     ends = volume.world_to_ijk(line_points_world(line_node))
     size = volume.size_ijk
@@ -254,25 +364,108 @@ def _by_slice(keyframe) -> int:
     return keyframe.slice
 
 
-def keyframe_tag(segmentation_node, segment_id: str) -> str:
-    return f"{segmentation_node.GetID()}|{segment_id}"
-
-
 def tag_keyframe(markups_node, segmentation_node, segment_id: str) -> None:
-    """Mark a ROI or line node as a keyframe of one segment (the tag is saved with the scene)."""
-    markups_node.SetAttribute(KEYFRAME_ATTRIBUTE, keyframe_tag(segmentation_node, segment_id))
+    """Make a ROI or line node a keyframe of one segment: a node reference to the segmentation (kept through
+    scene save, load and import, where node IDs change) and the segment's ID (kept through renames)."""
+    markups_node.SetNodeReferenceID(SEGMENTATION_ROLE, segmentation_node.GetID())
+    markups_node.SetAttribute(SEGMENT_ATTRIBUTE, segment_id)
 
 
 def keyframe_nodes(segmentation_node, segment_id: str) -> tuple[list, list]:
-    """The (ROI nodes, line nodes) tagged as keyframes of a segment, in scene order."""
+    """The (ROI nodes, line nodes) that are keyframes of a segment, in scene order."""
     scene = segmentation_node.GetScene()
-    tag = keyframe_tag(segmentation_node, segment_id)
-    found: dict[str, list] = {"vtkMRMLMarkupsROINode": [], "vtkMRMLMarkupsLineNode": []}
+    found: dict[str, list] = {name: [] for name in MARKUP_CLASSES}
     for class_name, nodes in found.items():
         collection = scene.GetNodesByClass(class_name)
         for n in range(collection.GetNumberOfItems()):
             node = collection.GetItemAsObject(n)
-            if node.GetAttribute(KEYFRAME_ATTRIBUTE) == tag:
+            if node.GetNodeReference(SEGMENTATION_ROLE) is segmentation_node and \
+                    node.GetAttribute(SEGMENT_ATTRIBUTE) == segment_id:
                 nodes.append(node)
     return found["vtkMRMLMarkupsROINode"], found["vtkMRMLMarkupsLineNode"]
 
+
+def finish_placement(markups_node, volume: VolumeArray) -> tuple[BoxKeyframe | LineKeyframe | None, str]:
+    """After the user stops drawing a keyframe: (keyframe, status text).
+
+    An incomplete or degenerate markup is removed from the scene (it was never a keyframe) and the text says
+    so. A box is snapped onto its slice (``flatten_roi``). A markup that cannot be used as drawn (an oblique
+    view, outside the image) stays for the user to fix, and the text says what is wrong.
+    """
+    problem = placement_problem(markups_node)
+    if problem:
+        markups_node.GetScene().RemoveNode(markups_node)
+        return None, f"{problem[0].upper()}{problem[1:]}; it was removed."
+    try:
+        axis = slicing_axis(volume, [markups_node] if markups_node.IsA("vtkMRMLMarkupsROINode") else [],
+                            [markups_node] if markups_node.IsA("vtkMRMLMarkupsLineNode") else [])
+        if markups_node.IsA("vtkMRMLMarkupsROINode"):
+            keyframe = flatten_roi(markups_node, volume, axis)
+            return keyframe, f"Box on slice {keyframe.slice}."
+        keyframe = line_keyframe(markups_node, volume, axis)
+        return keyframe, f"Line on slice {keyframe.slice}."
+    except InputError as error:
+        return None, f"Not usable as a keyframe: {error}"
+
+
+class KeyframeObserver:
+    """Calls ``on_change()`` when a keyframe markup is added, removed, moved, or finishes an interaction.
+
+    Observes the scene and every ROI and line markup in it between ``start()`` and ``stop()`` (the module
+    starts it when shown and stops it when hidden). ``on_change`` should be cheap (e.g. start a timer).
+    """
+
+    POINT_EVENTS = ("PointAddedEvent", "PointRemovedEvent", "PointModifiedEvent", "PointEndInteractionEvent",
+                    "PointPositionDefinedEvent", "TransformModifiedEvent")
+
+    def __init__(self, scene, on_change) -> None:
+        self.scene = scene
+        self.on_change = on_change
+        self._tags: list[tuple[Any, int]] = []
+        self._watched: set[str] = set()
+
+    @property
+    def started(self) -> bool:
+        return bool(self._tags)
+
+    def start(self) -> None:
+        if self.started:
+            return
+        self._tags.append((self.scene, self.scene.AddObserver(self.scene.NodeAddedEvent, self._on_added)))
+        self._tags.append((self.scene, self.scene.AddObserver(self.scene.NodeRemovedEvent, self._on_removed)))
+        for class_name in MARKUP_CLASSES:
+            collection = self.scene.GetNodesByClass(class_name)
+            for n in range(collection.GetNumberOfItems()):
+                self._watch(collection.GetItemAsObject(n))
+
+    def stop(self) -> None:
+        for obj, tag in self._tags:
+            obj.RemoveObserver(tag)
+        self._tags, self._watched = [], set()
+
+    def _watch(self, node) -> None:
+        if node.GetID() in self._watched:
+            return
+        self._watched.add(node.GetID())
+        for event in self.POINT_EVENTS:
+            self._tags.append((node, node.AddObserver(getattr(node, event), self._on_markup)))
+
+    @staticmethod
+    def _is_markup(node) -> bool:
+        return node is not None and any(node.IsA(name) for name in MARKUP_CLASSES)
+
+    @vtk.calldata_type(vtk.VTK_OBJECT)
+    def _on_added(self, caller, event, node=None) -> None:
+        if self._is_markup(node):
+            self._watch(node)
+            self.on_change()
+
+    @vtk.calldata_type(vtk.VTK_OBJECT)
+    def _on_removed(self, caller, event, node=None) -> None:
+        if self._is_markup(node):
+            self._watched.discard(node.GetID())
+            self._tags = [(obj, tag) for obj, tag in self._tags if obj is not node]
+            self.on_change()
+
+    def _on_markup(self, caller, event) -> None:
+        self.on_change()
