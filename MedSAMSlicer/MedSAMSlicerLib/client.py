@@ -31,6 +31,7 @@ constants come from ``protocol``, the client's copy of the server's.
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import math
 import socket
@@ -232,13 +233,15 @@ class MedSAMClient:
     # -------------------------------------------------------------- sessions
 
     def upload_volume(self, array: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0),
-                      origin: Sequence[float] = (0.0, 0.0, 0.0), direction: Any = None) -> Session:
+                      origin: Sequence[float] = (0.0, 0.0, 0.0), direction: Any = None,
+                      cancel: threading.Event | None = None) -> Session:
         """Send a volume once; returns the session that later calls name.
 
         ``array`` is (k, j, i) or (k, j, i, 3); a 2D (rows, cols) image is sent as one
         slice. ``direction`` is 3x3 (or 9 numbers, row-major) LPS, columns the i, j, k
         axes; it decides the in-plane orientation in which slices reach the model.
         Sending the same voxels again reuses the embeddings the server still caches.
+        Setting ``cancel`` stops the upload between two blocks of the body (Cancelled).
         """
         array = np.asarray(array)
         if array.ndim == 2:
@@ -257,7 +260,9 @@ class MedSAMClient:
         if limits and array.nbytes > limits.get("max_decompressed_bytes", math.inf):
             raise RequestTooLarge(f"the volume has {array.nbytes / 2**20:.1f} MiB of voxels; the server holds at most "
                                   f"{limits['max_decompressed_bytes'] / 2**20:.1f} MiB per volume")
-        answer = self._json("POST", protocol.ROUTE_SESSIONS, body, ENVELOPE_TYPE, what="the upload")
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("cancelled before the upload; nothing was sent")
+        answer = self._json("POST", protocol.ROUTE_SESSIONS, body, ENVELOPE_TYPE, what="the upload", cancel=cancel)
         return Session(answer["session"], answer["key"], tuple(answer["shape"]), answer["digest"])
 
     def session_info(self, session: Session) -> dict:
@@ -402,8 +407,9 @@ class MedSAMClient:
             raise ServerError(200, f"the server's answer could not be read: {err}", "bad_answer") from None
 
     def _json(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None,
-              session: Session | None = None, what: str = "the request", timeout: float | None = None) -> Any:
-        _, _, data = self._request(method, path, body, content_type, session, what, timeout)
+              session: Session | None = None, what: str = "the request", timeout: float | None = None,
+              cancel: threading.Event | None = None) -> Any:
+        _, _, data = self._request(method, path, body, content_type, session, what, timeout, cancel)
         try:
             return json.loads(data.decode("utf-8"))
         except ValueError as err:
@@ -411,7 +417,7 @@ class MedSAMClient:
 
     def _request(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None,
                  session: Session | None = None, what: str = "the request",
-                 timeout: float | None = None) -> tuple[int, Any, bytes]:
+                 timeout: float | None = None, cancel: threading.Event | None = None) -> tuple[int, Any, bytes]:
         headers = {API_VERSION_HEADER: str(API_VERSION), "Accept": f"application/json, {ENVELOPE_TYPE}"}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -419,8 +425,11 @@ class MedSAMClient:
             headers[SESSION_KEY_HEADER] = session.key
         if content_type:
             headers["Content-Type"] = content_type
-        request = urllib.request.Request(self.url + path, data=body, headers=headers, method=method)
+        if cancel is not None and body:
+            headers["Content-Length"] = str(len(body))
         for attempt in range(self.retries + 1):
+            data = _CancellableBody(body, cancel) if cancel is not None and body else body
+            request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
             try:
                 with self._opener.open(request, timeout=timeout or self.timeout) as response:
                     return response.status, response.headers, response.read()
@@ -461,6 +470,25 @@ class MedSAMClient:
         if code == "cancelled":
             return Cancelled(message)
         return ServerError(status, message, code)
+
+
+class _CancellableBody(io.RawIOBase):
+    """A request body that http.client reads block by block, and that stops the request once ``cancel`` is set."""
+
+    def __init__(self, body: bytes, cancel: threading.Event):
+        super().__init__()
+        self._view, self._offset, self._cancel = memoryview(body), 0, cancel
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if self._cancel.is_set():
+            raise Cancelled("the upload was cancelled; the server keeps nothing of it")
+        end = len(self._view) if size is None or size < 0 else min(len(self._view), self._offset + size)
+        block = self._view[self._offset:end].tobytes()
+        self._offset = end
+        return block
 
 
 def _path(route: str, session: Session, job: str = "") -> str:

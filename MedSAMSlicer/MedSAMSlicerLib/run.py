@@ -7,8 +7,10 @@ thread) -> ``apply_run`` (writes the segment, main thread). A failed or cancelle
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,9 +84,10 @@ def prepare_run(volume_node, segmentation_node, segment_id: str, roi_nodes: Sequ
                       notes=list(volume.notes))
 
 
-def upload(client, volume: VolumeArray):
+def upload(client, volume: VolumeArray, cancel: Any = None):
     """Upload a volume (``MedSAMClient.upload_volume``: spacing (i, j, k), origin and direction LPS); a session."""
-    return client.upload_volume(volume.array, volume.spacing, origin=volume.origin_lps, direction=volume.direction_lps)
+    return client.upload_volume(volume.array, volume.spacing, origin=volume.origin_lps, direction=volume.direction_lps,
+                                cancel=cancel)
 
 
 def execute_run(client, request: RunRequest, session: Any = None, progress: Callable | None = None,
@@ -96,7 +99,7 @@ def execute_run(client, request: RunRequest, session: Any = None, progress: Call
     """
     start = time.perf_counter()
     if session is None:
-        session = upload(client, request.volume)
+        session = upload(client, request.volume, cancel)
     offset, labels, summary = client.annotate(session, request.document, existing=request.existing,
                                               progress=progress, cancel=cancel)
     return RunResult(session=session, ijk_offset=tuple(int(v) for v in offset), labels=np.asarray(labels),
@@ -126,3 +129,23 @@ def run_segmentation(client, volume_node, segmentation_node, segment_id: str, *,
     result = execute_run(client, request, session=session, progress=progress, cancel=cancel)
     return apply_run(request, result, volume_node, segmentation_node, save_undo_state), result
 
+
+
+def in_background(function: Callable[[], Any], name: str = "MedSAM") -> Future:
+    """Run ``function`` in a daemon thread; its Future says when it is done.
+
+    A daemon thread, not a ThreadPoolExecutor's worker: Python joins those at exit, so a call blocked
+    on the network would keep Slicer from quitting.
+    """
+    future: Future = Future()
+
+    def target() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(function())
+        except BaseException as error:  # noqa: BLE001 - handed to whoever polls the future
+            future.set_exception(error)
+
+    threading.Thread(target=target, name=name, daemon=True).start()
+    return future

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -114,10 +115,62 @@ def test_cancelled_run_writes_nothing(scene, ct_volume, server):
     keyframes.tag_keyframe(roi, segmentation_node, segment_id)
     cancel = threading.Event()
     cancel.set()
-    with pytest.raises(Exception):  # noqa: B017 - whatever the client raises for a cancelled run
+    with pytest.raises(medsam_client.Cancelled, match="cancelled"):
         run.run_segmentation(client, ct_volume, segmentation_node, segment_id, cancel=cancel)
     assert not segments.segment_array(segmentation_node, segment_id, ct_volume).any()
     assert segments.edited_slices(segmentation_node, segment_id, ct_volume, 2) == []
+
+
+class _SetAfter(threading.Event):
+    """A cancel flag that the user sets after ``checks`` looks at it (deterministic: mid-upload, mid-job)."""
+
+    def __init__(self, checks: int):
+        super().__init__()
+        self.checks = checks
+
+    def is_set(self) -> bool:
+        self.checks -= 1
+        if self.checks < 0:
+            self.set()
+        return super().is_set()
+
+
+def test_cancel_stops_an_upload_midway_and_the_server_keeps_serving(ct_volume, server):
+    _, client = server
+    volume = geometry.volume_array(ct_volume)
+    with pytest.raises(medsam_client.Cancelled, match="upload was cancelled"):
+        run.upload(client, volume, cancel=_SetAfter(3))  # after three blocks of the body
+    session = run.upload(client, volume)  # the server is fine and takes the next upload
+    assert session.shape == volume.array.shape
+
+
+def test_cancel_stops_the_server_side_job(scene, ct_volume, server):
+    """Cancel while the server works on the job: the client returns nothing and the job ends as cancelled."""
+    local, client = server
+    cancelled_jobs = []
+
+    class Recording(medsam_client.MedSAMClient):
+        def cancel(self, session, job):
+            cancelled_jobs.append((session, job))
+            return super().cancel(session, job)
+
+    recording = Recording(client.url, token=local.token)
+    segmentation_node, (segment_id,) = add_segmentation(scene, ct_volume, ("right lung",))
+    for k in (12, 22, 31):
+        keyframes.tag_keyframe(_roi_around(scene, ct_volume, k, (70, 40, 110, 95), f"k{k}"), segmentation_node,
+                               segment_id)
+    request = run.prepare_run(ct_volume, segmentation_node, segment_id)
+    request.volume.array = request.volume.array + np.int16(1)  # other voxels: no cached embeddings, a long job
+    session = run.upload(recording, request.volume)
+    with pytest.raises(medsam_client.Cancelled):
+        run.execute_run(recording, request, session=session, cancel=_SetAfter(1))
+    ((_, job),) = cancelled_jobs
+    deadline = time.monotonic() + 30
+    while recording.job_status(session, job)["state"] not in ("cancelled", "done", "failed"):
+        assert time.monotonic() < deadline, "the server never stopped the cancelled job"
+        time.sleep(0.2)
+    assert recording.job_status(session, job)["state"] == "cancelled"
+    assert not segments.segment_array(segmentation_node, segment_id, ct_volume).any()
 
 
 def test_unreachable_server_writes_nothing(scene, ct_volume):
