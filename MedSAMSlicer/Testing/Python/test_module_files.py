@@ -6,7 +6,11 @@ import ast
 import json
 import os
 import py_compile
+import glob
 import re
+import shutil
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -184,3 +188,41 @@ def test_the_lib_imports_no_qt_and_no_torch():
         imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                      if isinstance(node, ast.ImportFrom) and node.module}
         assert not imported & {"qt", "ctk", "torch", "PythonQt"}, f"{name} imports {imported & {'qt', 'ctk', 'torch'}}"
+
+
+def _module_sources() -> list[str]:
+    return [WIDGET_SOURCE, os.path.join(MODULE_DIR, f"{MODULE_NAME}Lib")]
+
+
+def test_vermin_finds_nothing_that_needs_more_than_python_3_9():
+    """Slicer 5.8 embeds Python 3.9.10: nothing under MedSAMSlicer/ may need more (vermin does not see runtime
+    ``X | Y`` unions; ``from __future__ import annotations`` keeps annotations unevaluated)."""
+    vermin = shutil.which("vermin", path=os.path.dirname(sys.executable)) or shutil.which("vermin")
+    if vermin is None:
+        pytest.skip("vermin is not installed (it is in server/pyproject.toml's test extra)")
+    answer = subprocess.run([vermin, "-t=3.9-", "--violations", "--pessimistic", "--no-config-file", "--no-tips",
+                             *_module_sources()], capture_output=True, text=True)
+    assert answer.returncode == 0, answer.stdout + answer.stderr
+    assert "requires" not in answer.stdout and "Target versions not met" not in answer.stdout, answer.stdout
+
+
+def _python39() -> str | None:
+    found = shutil.which("python3.9")
+    if found and subprocess.run([found, "--version"], capture_output=True).returncode == 0:
+        return found
+    pyenv = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.9*/bin/python3.9")))
+    return pyenv[-1] if pyenv else None
+
+
+def test_a_python_3_9_interpreter_compiles_every_module_file(tmp_path):
+    python = _python39()
+    if python is None:
+        pytest.skip("no Python 3.9 interpreter on this machine")
+    files = [p for p in _module_files() if p.endswith(".py")]
+    script = ("import py_compile, sys\n"
+              "for path in sys.argv[2:]:\n"
+              "    py_compile.compile(path, cfile=sys.argv[1], doraise=True)\n")
+    answer = subprocess.run([python, "-c", script, str(tmp_path / "out.pyc"),
+                             *[os.path.join(MODULE_DIR, p) for p in files]], capture_output=True, text=True)
+    assert answer.returncode == 0, answer.stderr
+    assert len(files) >= 12
