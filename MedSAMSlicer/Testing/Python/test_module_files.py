@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import ast
+import glob
 import json
 import os
 import py_compile
-import glob
 import re
 import shutil
 import subprocess
