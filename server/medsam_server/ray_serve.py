@@ -29,9 +29,10 @@ import hashlib
 import hmac
 import json
 import logging
+import math
+import os
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any, Optional
 
 try:
@@ -45,6 +46,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .ray_asgi import InProcessApp
+from .ray_routing import LOST, Gate, Placement, Router, ScaleOut
 
 log = logging.getLogger("medsam_server.ray")
 
@@ -53,44 +55,22 @@ REPLICA_HEADER = "x-medsam-replica"  # on every forwarded answer: which replica 
 REPLICA_LOST = (RayActorError, ActorUnavailableError)
 INFO_TIMEOUT_SECONDS = 5.0
 PROBE_TIMEOUT_SECONDS = 2.0
-LOST = "lost"  # a placement's incarnation once its replica died: the session answers 410
 Headers = list[tuple[bytes, bytes]]
-
-
-@dataclass
-class ScaleOut:
-    """How many replicas and what each holds; the rest of the server's settings are ``Settings``."""
-
-    replicas: int = 2
-    num_cpus: float = 1.0  # per replica; also its torch threads
-    num_gpus: float = 0.0  # per replica: 1 gives each its own GPU where there are several
-    max_sessions_per_token: Optional[int] = None  # None: any token may hold up to max_sessions
 
 
 def server_app(settings):
     """The single-process server's ASGI app (loads its model at start-up)."""
-    from .api import create_app
-
-    return create_app(settings)
-
-
-@dataclass(frozen=True)
-class Gate:
-    """What the ingress enforces, copied from Settings so that the ingress imports no model code (no torch)."""
-
-    tokens: tuple[str, ...]
-    max_sessions: int
-    max_sessions_per_token: Optional[int]
-    idle_seconds: float
-    max_body_bytes: int
-
-    @classmethod
-    def of(cls, settings, scale: ScaleOut) -> Gate:
-        return cls(tuple(settings.tokens), settings.max_sessions, scale.max_sessions_per_token,
-                   settings.session_idle_seconds, settings.limits.max_body_bytes)
+    try:
+        from .app import build_app
+    except ImportError:  # the layout before issue 12  TODO(E): drop once app.py is committed
+        from .api import create_app as build_app
+    return build_app(settings)
 
 
-@serve.deployment(max_ongoing_requests=1000, health_check_period_s=2.0)
+QUIET = {"enable_access_log": False}  # a log line per request and hop costs more than the hop on a small machine
+
+
+@serve.deployment(max_ongoing_requests=1000, health_check_period_s=2.0, logging_config=QUIET)
 class ModelReplica:
     """One single-process server inside a Serve replica."""
 
@@ -117,59 +97,6 @@ class ModelReplica:
         await self.app.stop()
 
 
-@dataclass
-class Placement:
-    replica: int
-    incarnation: str
-    owner: str
-    last_used: float = dataclasses.field(default_factory=time.monotonic)
-
-
-class Router:
-    """The session -> replica map, the live replicas' incarnations and the limits that span replicas."""
-
-    def __init__(self, replicas: int, gate: Gate):
-        self.incarnations: list[Optional[str]] = [None] * replicas  # None: not known alive
-        self.sessions: dict[str, Placement] = {}
-        self.idle_seconds = gate.idle_seconds
-        self.max_sessions = gate.max_sessions
-        self.per_token = gate.max_sessions_per_token
-
-    def live(self) -> list[Placement]:
-        return [p for p in self.sessions.values() if p.incarnation != LOST]
-
-    def held(self, replica: int) -> int:
-        return sum(1 for p in self.live() if p.replica == replica)
-
-    def expire(self, now: Optional[float] = None) -> None:
-        """Forget sessions idle past the limit (their replica expires them itself)."""
-        now = time.monotonic() if now is None else now
-        for session_id in [s for s, p in self.sessions.items() if now - p.last_used > self.idle_seconds]:
-            del self.sessions[session_id]
-
-    def refusal(self, owner: str) -> Optional[str]:
-        """Why a new session of ``owner`` is refused (429), or None."""
-        self.expire()
-        if len(self.live()) >= self.max_sessions:
-            return (f"the server holds its maximum of {self.max_sessions} sessions; delete one you no longer need "
-                    "(or wait for idle ones to expire)")
-        if self.per_token is not None and sum(p.owner == owner for p in self.live()) >= self.per_token:
-            return (f"this token holds its maximum of {self.per_token} sessions; delete one you no longer need "
-                    "(or wait for idle ones to expire)")
-        return None
-
-    def order(self) -> list[int]:
-        """Replicas to try for a new session: live ones, fewest sessions first; then the rest."""
-        return sorted(range(len(self.incarnations)), key=lambda r: (self.incarnations[r] is None, self.held(r), r))
-
-    def died(self, replica: int, incarnation: Optional[str]) -> None:
-        if incarnation is None or self.incarnations[replica] == incarnation:
-            self.incarnations[replica] = None
-        for placement in self.sessions.values():
-            if placement.replica == replica and placement.incarnation == incarnation:
-                placement.incarnation = LOST
-
-
 def _error(status: int, message: str, code: str, headers: Optional[dict] = None) -> JSONResponse:
     return JSONResponse({"error": message, "code": code}, status_code=status, headers=headers)
 
@@ -191,7 +118,7 @@ def _session_id(path: str) -> Optional[str]:
     return parts[2] if len(parts) >= 3 and parts[1] == "sessions" and parts[2] else None
 
 
-@serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
+@serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0}, logging_config=QUIET)
 class Ingress:
     """Every HTTP request of the application: auth, limits, affinity; forwards to the replicas."""
 
@@ -265,12 +192,16 @@ class Ingress:
         refusal = self.router.refusal(owner)
         if refusal:
             return _error(429, refusal, "busy")
+        ticket = uuid.uuid4().hex
         for replica in self.router.order():
+            self.router.uploading[ticket] = Placement(replica, "uploading", owner)
             try:
                 incarnation, answer = await self._forward(replica, None, call)
             except REPLICA_LOST:
                 self.router.died(replica, self.router.incarnations[replica])
                 continue  # nothing was created: the next replica takes the upload
+            finally:
+                self.router.uploading.pop(ticket, None)
             self.router.incarnations[replica] = incarnation
             if answer[0] == 201:
                 session_id = json.loads(answer[2])["session"]
@@ -329,18 +260,20 @@ class Ingress:
         """The first live replica's /info, with every replica's sessions, cache and worker added."""
         async def one(index: int):
             try:
-                incarnation, answer = await asyncio.wait_for(self._forward(index, None, call), INFO_TIMEOUT_SECONDS)
+                return (await asyncio.wait_for(self._forward(index, None, call), INFO_TIMEOUT_SECONDS))[1]
             except (asyncio.TimeoutError, *REPLICA_LOST):
                 return None
-            return json.loads(answer[2]) if answer[0] == 200 else None
 
-        infos = await asyncio.gather(*(one(i) for i in range(len(self.replicas))))
-        live = [info for info in infos if info is not None]
+        answers = await asyncio.gather(*(one(i) for i in range(len(self.replicas))))
+        live = [answer for answer in answers if answer is not None]
         if not live:
             return _error(503, "no model replica is running; retry shortly", "no_replica")
-        merged = dict(live[0])
-        merged["sessions"] = sum(info["sessions"] for info in live)
-        merged["cache"] = {k: sum(info["cache"].get(k, 0) for info in live) for k in live[0]["cache"]}
+        if live[0][0] != 200:  # e.g. a version mismatch: the replica's own answer
+            return _response(answers.index(live[0]), live[0])
+        infos = [json.loads(answer[2]) if answer is not None else None for answer in answers]
+        merged = dict(next(info for info in infos if info is not None))  # a copy: infos stay per replica
+        merged["sessions"] = sum(info["sessions"] for info in infos if info)
+        merged["cache"] = {k: sum(info["cache"][k] for info in infos if info) for k in merged["cache"]}
         merged["replicas"] = [{"replica": i, "alive": info is not None, "incarnation": self.router.incarnations[i],
                                **({k: info[k] for k in ("sessions", "cache", "worker", "device")} if info else {})}
                               for i, info in enumerate(infos)]
@@ -369,7 +302,7 @@ def application(settings, scale: ScaleOut) -> serve.Application:
 def build(args: dict[str, Any]) -> serve.Application:
     """``serve deploy`` entry point (``import_path: medsam_server.ray_serve:build``); ``args`` are
     Settings fields plus ScaleOut fields (``replicas``, ``num_cpus``, ``num_gpus``, ``max_sessions_per_token``)."""
-    from .api import Settings
+    from .app import Settings
 
     scale_fields = {f.name for f in dataclasses.fields(ScaleOut)}
     scale = ScaleOut(**{k: v for k, v in args.items() if k in scale_fields})
@@ -379,11 +312,18 @@ def build(args: dict[str, Any]) -> serve.Application:
 
 
 def run(settings, scale: ScaleOut, address: Optional[str] = None, blocking: bool = True) -> None:
-    """Start (or join, with ``address``) a Ray cluster and serve the application on settings.host:port."""
+    """Start a local Ray cluster (or join one at ``address``) and serve the app on settings.host:port.
+
+    With device auto/cuda and GPUs in the cluster, each replica asks for its own GPU (a share of one
+    where there are fewer GPUs than replicas); Ray hands each replica its GPU as cuda:0."""
     if not ray.is_initialized():
         if address:
-            ray.init(address=address, include_dashboard=False)
-        else:
-            ray.init(include_dashboard=False, num_cpus=max(1, int(scale.replicas * scale.num_cpus)))
+            ray.init(address=address)
+        else:  # no dashboard: it accepts jobs from whoever reaches its port
+            cores = os.cpu_count() or 1
+            ray.init(include_dashboard=False, num_cpus=max(cores, math.ceil(scale.replicas * scale.num_cpus)))
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if not scale.num_gpus and gpus and settings.device in ("auto", "cuda"):
+        scale = dataclasses.replace(scale, num_gpus=min(1.0, gpus / scale.replicas))
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(application(settings, scale), name=APP_NAME, route_prefix="/", blocking=blocking)

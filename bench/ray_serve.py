@@ -1,0 +1,210 @@
+"""Many readers at once: ``medsam serve --replicas 2`` (Ray Serve) against one ``medsam serve`` process.
+
+Each reader is the Slicer module's client in a thread of this process, annotating its own slab of
+slicerio's CTChest4 (``--slices`` axial slices each, different slabs: different patients, whose
+embeddings no session can share): upload, prefetch in the background, a box on each lung of each
+slice, a corrected box on each (cached) slice, a propagated annotation from the first and last slice's
+boxes, delete. Measured side by side in one run, on the same Ray cluster and the same CPU:
+
+- one reader: one process (``medsam serve``, torch on all cores) vs the Ray path with one replica that
+  holds all cores (the same compute: the ratio is the cost of the proxy -> ingress -> replica hops);
+- four readers at once: one process vs two replicas of one core each;
+- per replica: sessions held, cache hits and misses, slices encoded (affinity: a session's slices
+  are encoded once, on its replica).
+
+Run: ``.venv/bin/python bench/ray_serve.py [--slices 6] [--readers 4]`` (a few minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+RIGHT_LUNG, LEFT_LUNG = 5, 6
+FIRST_SLICE = 7  # CTChest4's slices 7..33 show both lungs
+WINDOW = "ct-lung"
+TOKENS = tuple(f"reader-{n}-" + "r" * 24 for n in range(8))
+
+
+def load_client():
+    sys.path.insert(0, str(REPO / "MedSAMSlicer"))
+    from MedSAMSlicerLib import client
+
+    return client
+
+
+def ct_chest():
+    import SimpleITK as sitk
+    import slicerio
+
+    folder = Path(slicerio.__file__).parent / "data"
+    image = sitk.ReadImage(str(folder / "CTChest4.nrrd"))
+    labels = slicerio.read_segmentation(str(folder / "Segmentation.seg.nrrd"))["voxels"].transpose(2, 1, 0)
+    return sitk.GetArrayFromImage(image), labels, np.array(image.GetDirection()).reshape(3, 3)
+
+
+def box(mask: np.ndarray) -> list[float]:
+    rows, cols = np.nonzero(mask)
+    return [float(cols.min()), float(rows.min()), float(cols.max()), float(rows.max())]
+
+
+def reader(client, volume, labels, direction, cached_ms: list[float]) -> None:
+    """One reader's annotation of its slab; appends the cached-slice box round trips (ms) to ``cached_ms``."""
+    session = client.upload_volume(volume, direction=direction)
+    client.prefetch(session, window=WINDOW)
+    boxes = [{lung: box(labels[k] == lung) for lung in (RIGHT_LUNG, LEFT_LUNG)} for k in range(volume.shape[0])]
+    for k, lungs in enumerate(boxes):
+        for lung in (RIGHT_LUNG, LEFT_LUNG):
+            client.segment(session, [{"slice": k, "box": lungs[lung]}], window=WINDOW)
+    for k, lungs in enumerate(boxes):  # a corrected box: the slice is cached now
+        start = time.perf_counter()
+        client.segment(session, [{"slice": k, "box": np.add(lungs[RIGHT_LUNG], [-1, -1, 1, 1]).tolist()}],
+                       window=WINDOW)
+        cached_ms.append((time.perf_counter() - start) * 1e3)
+    last = volume.shape[0] - 1
+    document = {"axis": 2, "window": WINDOW, "segments": [
+        {"name": name, "label": lung, "boxes": [{"slice": 0, "box": boxes[0][lung]},
+                                                {"slice": last, "box": boxes[last][lung]}]}
+        for name, lung in (("right lung", RIGHT_LUNG), ("left lung", LEFT_LUNG))]}
+    client.annotate(session, document)
+    client.delete(session)
+
+
+def readers(client_module, url: str, count: int, slices: int, scan) -> tuple[float, list[float]]:
+    """``count`` readers at once; (wall seconds, cached-box milliseconds of all)."""
+    volume, labels, direction = scan
+    cached: list[float] = []
+    errors: list[BaseException] = []
+
+    def one(n: int) -> None:
+        slab = slice(FIRST_SLICE + n * slices, FIRST_SLICE + (n + 1) * slices)
+        try:
+            reader(client_module.MedSAMClient(url, token=TOKENS[n]), np.ascontiguousarray(volume[slab]),
+                   labels[slab], direction, cached)
+        except BaseException as err:  # reported below: a failed reader voids the measurement
+            errors.append(err)
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(count)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return time.perf_counter() - start, cached
+
+
+@contextmanager
+def one_process(port: int, token_file: str):
+    command = [sys.executable, "-m", "medsam_server.cli", "serve", "--port", str(port), "--device", "cpu",
+               "--token-file", token_file, "--log-level", "warning"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@contextmanager
+def ray_replicas(replicas: int, cpus_each: float):
+    from ray import serve
+
+    from medsam_server.api import Settings
+    from medsam_server.ray_serve import APP_NAME, ScaleOut, application
+
+    settings = Settings(tokens=TOKENS, device="cpu")
+    serve.run(application(settings, ScaleOut(replicas=replicas, num_cpus=cpus_each)), name=APP_NAME,
+              route_prefix="/")
+    try:
+        yield
+    finally:
+        serve.delete(APP_NAME)
+
+
+def wait_ready(client_module, url: str) -> None:
+    client = client_module.MedSAMClient(url, token=TOKENS[0], retries=0)
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            client.info()
+            return
+        except client_module.MedSAMClientError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def p(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=6, help="slices per reader (default 6)")
+    parser.add_argument("--readers", type=int, default=4, help="readers at once (default 4)")
+    args = parser.parse_args()
+    if FIRST_SLICE + args.readers * args.slices > 34:
+        parser.error("CTChest4 has 27 slices with both lungs (7..33): readers x slices must be at most 27")
+
+    import ray
+    from ray import serve
+
+    client_module = load_client()
+    scan = ct_chest()
+    cores = os.cpu_count() or 1
+    ray.init(num_cpus=cores, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False,
+             configure_logging=False)
+    ray_port = 18000 + os.getpid() % 1000
+    serve.start(http_options={"host": "127.0.0.1", "port": ray_port})
+    ray_url = f"http://127.0.0.1:{ray_port}"
+    results: dict[str, tuple[float, list[float]]] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        token_file = os.path.join(folder, "tokens")
+        with open(token_file, "w") as handle:
+            handle.write("\n".join(TOKENS) + "\n")
+        os.chmod(token_file, 0o600)
+        with one_process(ray_port + 1, token_file) as url:
+            wait_ready(client_module, url)
+            results["1 process, 1 reader"] = readers(client_module, url, 1, args.slices, scan)
+            results[f"1 process, {args.readers} readers"] = readers(client_module, url, args.readers, args.slices,
+                                                                    scan)
+        with ray_replicas(1, cores):
+            wait_ready(client_module, ray_url)
+            results[f"Ray, 1 replica x {cores} cores, 1 reader"] = readers(client_module, ray_url, 1, args.slices,
+                                                                           scan)
+        with ray_replicas(2, cores / 2):
+            wait_ready(client_module, ray_url)
+            key = f"Ray, 2 replicas x {cores / 2:g} core, {args.readers} readers"
+            results[key] = readers(client_module, ray_url, args.readers, args.slices, scan)
+            replicas = client_module.MedSAMClient(ray_url, token=TOKENS[0]).info()["replicas"]
+
+    print(f"{args.readers} readers x {args.slices} slices of CTChest4 (128x128), LiteMedSAM on {cores} CPU cores")
+    print(f"{'configuration':<42} {'wall s':>8} {'cached box p50 ms':>18} {'p95 ms':>8}")
+    for name, (wall, cached) in results.items():
+        print(f"{name:<42} {wall:8.1f} {p(cached, 50):18.1f} {p(cached, 95):8.1f}")
+    walls = [wall for wall, _ in results.values()]
+    print(f"Ray path overhead, one reader (same compute): {walls[2] / walls[0]:.3f}x the one process's wall time")
+    print(f"{args.readers} readers: 2 replicas take {walls[3] / walls[1]:.3f}x the one process's wall time")
+    for replica in replicas:
+        cache, worker = replica["cache"], replica["worker"]
+        print(f"replica {replica['replica']}: cache hits {cache['hits']}, misses {cache['misses']}, "
+              f"slices encoded {worker['encoded_slices']}")
+    serve.shutdown()
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
