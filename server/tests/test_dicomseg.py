@@ -198,3 +198,12 @@ def test_a_seg_as_the_image_is_refused_and_a_seg_beside_the_slices_is_skipped(ct
     image, series = read_dicom_series(beside)
     assert series.sop_instance_uids == written.sop_instance_uids
     assert series.notes[0].startswith("skipped DICOM objects that are not images: ")
+
+
+def test_a_seg_file_is_told_from_other_files(ct):
+    from medsam_server.io.dicomseg import is_dicom_seg
+
+    written, _, _, path = ct
+    assert is_dicom_seg(path)
+    assert not is_dicom_seg(written.files[0])
+    assert not is_dicom_seg(slicerio_data("Segmentation.seg.nrrd"))

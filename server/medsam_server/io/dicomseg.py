@@ -30,6 +30,8 @@ from ..errors import InputError
 from .dicom import DicomSeries
 
 PathLike = Union[str, "os.PathLike[str]"]
+#: The output name that asks for a DICOM SEG.
+SEG_SUFFIX = ".dcm"
 #: Display names of the models in the SEG's algorithm identification.
 ALGORITHM_NAMES = {"litemedsam": "LiteMedSAM", "medsam-vit-b": "MedSAM"}
 #: A code as the prompt document gives it: [scheme, value, meaning], e.g. ["SCT", "39607008", "Lung"].
@@ -287,3 +289,17 @@ def _referenced_instances(seg) -> set[str]:
             for source in derivation.get("SourceImageSequence", []):
                 uids.add(str(source.ReferencedSOPInstanceUID))
     return uids
+
+
+def is_dicom_seg(path: PathLike) -> bool:
+    """Whether ``path`` is a DICOM Segmentation file (by its SOP class; DICOM files often have no extension)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    from .dicom import SEGMENTATION_SOP_CLASSES
+
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    except (InvalidDicomError, OSError, EOFError, ValueError):
+        return False
+    return str(header.get("SOPClassUID", "")) in SEGMENTATION_SOP_CLASSES
