@@ -207,3 +207,17 @@ def test_a_seg_file_is_told_from_other_files(ct):
     assert is_dicom_seg(path)
     assert not is_dicom_seg(written.files[0])
     assert not is_dicom_seg(slicerio_data("Segmentation.seg.nrrd"))
+
+
+def test_a_series_without_a_frame_of_reference_reads_but_takes_no_seg(tmp_path):
+    ct = write_ct_series(tmp_path / "bare", 0, 2)
+    for path in ct.files:  # as research tools often write them
+        dataset = pydicom.dcmread(path)
+        del dataset.FrameOfReferenceUID
+        dataset.save_as(path)
+    image, series = read_dicom_series(ct.folder)
+    assert image.GetSize() == (128, 128, 3)
+    assert series.notes == ("the series has no FrameOfReferenceUID, so no DICOM SEG can be made on it",)
+    with pytest.raises(InputError, match=r"has no FrameOfReferenceUID, which a DICOM SEG needs to place its frames; "
+                                         r"write a .seg.nrrd or a labelmap instead"):
+        write_seg(tmp_path / "x.dcm", np.zeros((3, 128, 128), np.uint8), series, SEGMENTS)

@@ -314,9 +314,9 @@ def read_dicom_series(folder: PathLike, series_uid: Optional[str] = None) -> tup
     instances, direction, spacing = _geometry(by_series[chosen.uid])
     headers = [i.header for i in instances]
     frames = {str(h.get("FrameOfReferenceUID", "")) for h in headers}
-    if len(frames) > 1 or "" in frames:
-        raise SliceGeometryError(f"series {chosen.uid} has {'no' if '' in frames else 'several'} "
-                                 "FrameOfReferenceUID: its slices do not share one patient coordinate system")
+    if len(frames) > 1:
+        raise SliceGeometryError(f"series {chosen.uid} has {len(frames)} different FrameOfReferenceUIDs: its slices "
+                                 "do not share one patient coordinate system")
     files = [i.path for i in instances]
     origin = np.array([float(v) for v in headers[0].ImagePositionPatient])
     image = _read_pixels(files, direction, spacing, origin)
@@ -326,6 +326,8 @@ def read_dicom_series(folder: PathLike, series_uid: Optional[str] = None) -> tup
         notes.append("skipped DICOM objects that are not images: " + "; ".join(s.describe() for s in others))
     if skipped:
         notes.append(f"skipped {skipped} files that are not DICOM instances")
+    if frames == {""}:  # research tools often leave it out; a SEG needs it
+        notes.append("the series has no FrameOfReferenceUID, so no DICOM SEG can be made on it")
     series = DicomSeries(
         folder=folder, files=tuple(files), sop_instance_uids=tuple(str(h.SOPInstanceUID) for h in headers),
         sop_class_uid=str(headers[0].SOPClassUID), study_instance_uid=str(headers[0].StudyInstanceUID),

@@ -198,6 +198,7 @@ def write_seg(
     from pydicom.uid import generate_uid
 
     path = Path(path)
+    check_seg_source(series)
     labels = np.asarray(labels)
     expected = (series.slices, int(series.headers[0].Rows), int(series.headers[0].Columns))
     if labels.shape != expected:
@@ -231,6 +232,13 @@ def write_seg(
     except OSError as err:
         raise InputError(f"cannot write {path}: {err.strerror or err}") from None
     return path
+
+
+def check_seg_source(series: DicomSeries) -> None:
+    """Raise InputError when no SEG can be made on ``series`` (checked before a run, not after it)."""
+    if not series.frame_of_reference_uid:
+        raise InputError(f"the DICOM series in {series.folder} has no FrameOfReferenceUID, which a DICOM SEG needs to "
+                         "place its frames; write a .seg.nrrd or a labelmap instead")
 
 
 def _series_number(series: DicomSeries) -> int:
