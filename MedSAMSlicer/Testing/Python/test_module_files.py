@@ -146,15 +146,44 @@ def test_extension_index_entry_agrees_with_cmake():
     assert entry["scm_url"].removesuffix(".git") == fields["EXTENSION_HOMEPAGE"]
     owner_repo = fields["EXTENSION_HOMEPAGE"].removeprefix("https://github.com/")
     raw = f"https://raw.githubusercontent.com/{owner_repo}/{entry.get('scm_revision', 'main')}/"
-    assert fields["EXTENSION_ICONURL"].startswith(raw)
-    assert os.path.isfile(os.path.join(REPO_DIR, fields["EXTENSION_ICONURL"].removeprefix(raw)))
-    for url in fields["EXTENSION_SCREENSHOTURLS"].split():
-        assert url.startswith(raw) and url.lower().endswith((".png", ".jpg"))
+    # the Extensions Index's own rules
+    repository = entry["scm_url"].removesuffix(".git").rsplit("/", 1)[1]
+    assert repository.startswith("Slicer"), f"the index wants a repository named Slicer..., not {repository}"
+    assert entry["build_dependencies"] == ["PyTorch"] and fields["EXTENSION_DEPENDS"] == "PyTorch"
+    urls = [fields["EXTENSION_ICONURL"], *fields["EXTENSION_SCREENSHOTURLS"].split()]
+    assert len(urls) >= 2
+    for url in urls:  # each names a file of this repository at the revision the index builds
+        assert url.startswith(raw) and url.lower().endswith((".png", ".jpg")), url
+        assert os.path.isfile(os.path.join(REPO_DIR, url.removeprefix(raw))), f"{url} names no file in the repository"
     with open(os.path.join(REPO_DIR, "CMakeLists.txt")) as handle:
         text = handle.read()
     for needed in ("find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})", "add_subdirectory(MedSAMSlicer)",
                    "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
         assert needed in text
+
+
+def test_the_screenshot_is_a_rendered_picture():
+    from PIL import Image
+
+    url = _extension_fields()["EXTENSION_SCREENSHOTURLS"].split()[0]
+    path = os.path.join(REPO_DIR, *url.split("/main/", 1)[1].split("/"))
+    with Image.open(path) as picture:
+        assert picture.format == "PNG" and picture.size[0] >= 800 and picture.size[1] >= 400
+        colours = picture.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is None or len(colours) > 300  # a CT with overlays, not a placeholder
+
+
+def test_cmake_bundles_the_server_where_the_module_installs_it_from():
+    from MedSAMSlicerLib import install
+
+    with open(os.path.join(MODULE_DIR, "CMakeLists.txt")) as handle:
+        text = handle.read()
+    assert "set(MEDSAM_SERVER_SOURCE_DIR ${CMAKE_CURRENT_SOURCE_DIR}/../server)" in text
+    destination = f"${{Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}}/{install.BUNDLED_FOLDER}"
+    assert f"set(MEDSAM_SERVER_DESTINATION {destination})" in text
+    assert "include(${CMAKE_CURRENT_SOURCE_DIR}/BundleServer.cmake)" in text
+    assert os.path.isfile(os.path.join(REPO_DIR, "server", "pyproject.toml"))
+    assert install.source_version(os.path.join(REPO_DIR, "server"))  # names our package, with a version
 
 
 def test_icon_is_a_128_pixel_png():
