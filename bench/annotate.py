@@ -20,10 +20,11 @@ import numpy as np
 import SimpleITK as sitk
 import slicerio
 
-from medsam_server.annotate import AnnotateOptions, annotate
+from medsam_server.annotate import annotate
 from medsam_server.embeddings import EmbeddingCache
 from medsam_server.models import load_model
 from medsam_server.prompts import parse_prompts
+from medsam_server.requests import AnnotateOptions
 from medsam_server.simulate import simulated_prompts
 
 LUNGS = (("right lung", 5), ("left lung", 6))

@@ -29,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from medsam_server.embeddings import EmbeddingCache, SliceKey, embed_slices
+from medsam_server.embeddings import EmbeddingCache, SliceKey, embed
+from medsam_server.geometry import canonical_view
+from medsam_server.intensity import to_uint8
 from medsam_server.models import load_model, resolve_device
-from medsam_server.preprocess import canonical_view, to_uint8
 
 RIGHT_LUNG, LEFT_LUNG = 5, 6
 SLICES = (8, 11, 14, 17, 20, 23, 26, 29)  # eight axial slices with both lungs: 16 boxes
@@ -113,7 +114,7 @@ def bench_model(name: str, backends: list, checkpoint, device: str, bf16: bool, 
     for key, embedding in zip(keys, embeddings, strict=True):
         cache.put(key, embedding)
     hit = interleaved_medians(
-        {b: (lambda m=m: embed_slices(m, cache, keys[:1], lambda i: slices[i])) for b, m in models.items()},
+        {b: (lambda m=m: embed(m, cache, keys[:1], lambda i: slices[i])) for b, m in models.items()},
         repeats * 20)
     return [{"model": name, "backend": b, "device": m.device, "load_s": load_s[b], "batch": batch,
              "enc1": enc1[b], "encb": encb[b] / batch, "dec1": dec1[b] / len(box), "decb": decb[b] / len(box),

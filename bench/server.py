@@ -76,10 +76,10 @@ def main() -> None:
     import torch
     from skimage import data
 
-    from medsam_server.annotate import SliceStack
-    from medsam_server.api import Settings, create_app
+    from medsam_server.app import Settings, build_app
     from medsam_server.embeddings import EmbeddingCache
     from medsam_server.models import load_model
+    from medsam_server.stack import SliceStack
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,7 +87,7 @@ def main() -> None:
     model = load_model("litemedsam", device=args.device, backend=args.backend)
     cache = EmbeddingCache()
     image = data.camera()[np.newaxis]  # (1, 512, 512) uint8
-    server, thread, url = serve_in_thread(create_app(Settings(backend=args.backend), model=model, cache=cache))
+    server, thread, url = serve_in_thread(build_app(Settings(backend=args.backend), model=model, cache=cache))
     try:
         client = client_module.MedSAMClient(url)
         client.check_compatible()

@@ -30,114 +30,24 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import numpy as np
 from scipy import ndimage
 from scipy.interpolate import PchipInterpolator
 
-from .embeddings import EmbeddingCache, SliceKey, embed_slices, volume_digest
+from .embeddings import EmbeddingCache
 from .errors import Cancelled, InputError
-from .models.base import PromptableModel
-from .preprocess import DEFAULT_ORIENTATION, ORIENTATIONS, SliceView, canonical_view, to_uint8
+from .geometry import slice_index
 from .prompts import PromptDocument, SegmentPrompt
+from .requests import AnnotateOptions
+from .stack import SliceStack
 
 PROPAGATION_MARGIN_FRACTION = 0.1
 PROPAGATION_MIN_AREA_FRACTION = 0.2
 PROPAGATION_MAX_INTENSITY_SHIFT = 0.2
-INTERPOLATIONS = ("pchip", "linear")
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
-
-
-def slice_index(axis: int, index: int) -> tuple:
-    """Numpy index of slice ``index`` along prompt axis ``axis`` of a (k, j, i[, c]) array (a view, writable)."""
-    where: list = [slice(None)] * 3
-    where[2 - axis] = index
-    return tuple(where)
-
-
-class SliceStack:
-    """A volume seen as 2D slices along one axis through one model.
-
-    Embeddings are cached per slice; boxes and masks cross this class in *slice
-    pixels* (rows along v, columns along u) and are turned into the model's view
-    (``orientation``) and back inside, exactly.
-    """
-
-    def __init__(
-        self,
-        array: np.ndarray,
-        direction: np.ndarray,
-        axis: int,
-        window,
-        model: PromptableModel,
-        cache: EmbeddingCache,
-        orientation: str = DEFAULT_ORIENTATION,
-        digest: Optional[str] = None,
-    ):
-        rgb = array.ndim == 4 and array.shape[-1] == 3
-        if array.ndim != 3 and not rgb:
-            raise InputError(f"a volume is (k, j, i) or (k, j, i, 3); got shape {array.shape}")
-        self.axis = axis
-        self.model = model
-        self.cache = cache
-        self.u8, mapping = to_uint8(array, window, rgb=rgb)
-        self.n_slices = array.shape[2 - axis]
-        # A 2D image (X-ray, photo, one slice) is stored the way it is meant to be seen: only
-        # volumes are turned into the canonical patient orientation.
-        self.view: SliceView = canonical_view(direction, axis, "array" if self.n_slices == 1 else orientation)
-        self.volume_key = digest or volume_digest(array)
-        self.preprocessing = f"{mapping}|{self.view.key}"
-        self.shape = self.u8[slice_index(axis, 0)].shape[:2]  # (rows, cols) of a slice
-
-    def key(self, index: int) -> SliceKey:
-        return SliceKey(self.volume_key, self.axis, int(index), self.model.name, self.preprocessing)
-
-    def is_constant(self, index: int) -> bool:
-        plane = self.u8[slice_index(self.axis, index)]
-        return bool(plane.min() == plane.max())
-
-    def mean_intensity(self, index: int, mask: np.ndarray) -> float:
-        """Mean windowed intensity (0..255, channels averaged) of slice ``index`` under a non-empty mask."""
-        return float(self.u8[slice_index(self.axis, index)][mask].mean())
-
-    def embeddings(
-        self, indices: Sequence[int], progress: Optional[Callable[[int], None]] = None,
-        should_stop: Optional[Callable[[], bool]] = None,
-    ) -> tuple[np.ndarray, int]:
-        """(N, 256, 64, 64) embeddings of slices ``indices`` and the number of cache hits."""
-        return embed_slices(
-            self.model, self.cache, [self.key(i) for i in indices],
-            lambda n: self.view.to_view(self.u8[slice_index(self.axis, indices[n])]), progress, should_stop,
-        )
-
-    def decode(self, embeddings: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-        """Boxes (N, 4) in slice pixels on their slices' embeddings -> (N, rows, cols) probabilities in slice pixels."""
-        view_boxes = np.array([self.view.box_to_view(b, self.shape) for b in boxes]).reshape(-1, 4)
-        probs = self.model.decode(embeddings, view_boxes, self.view.view_shape(self.shape))
-        return np.stack([self.view.from_view(p) for p in probs]) if len(probs) else probs.reshape(0, *self.shape)
-
-
-@dataclass
-class AnnotateOptions:
-    propagate: int = 0
-    fill_holes: bool = True
-    largest_component: bool = True
-    overwrite: bool = False  # may a later segment take voxels an earlier one (or --existing) holds?
-    interpolation: str = "pchip"
-    orientation: str = DEFAULT_ORIENTATION
-    batch_size: Optional[int] = None  # boxes per decoder call; None: the model's decoder_batch
-
-    def __post_init__(self):
-        if self.interpolation not in INTERPOLATIONS:
-            raise InputError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}")
-        if self.propagate < 0:
-            raise InputError("propagate must be >= 0 slices")
-        if self.orientation not in ORIENTATIONS:
-            raise InputError(f"orientation must be one of {', '.join(ORIENTATIONS)}, got {self.orientation!r}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise InputError("batch size must be >= 1")
 
 
 @dataclass
@@ -189,6 +99,22 @@ def interpolate_boxes(segment: SegmentPrompt, method: str = "pchip") -> dict[int
     return {int(s): c for s, c in zip(every, corners)}
 
 
+Plan = dict[int, dict[int, np.ndarray]]  # segment label -> slice -> box (4,) in slice pixels
+
+
+def plan(prompts: PromptDocument, options: AnnotateOptions) -> Plan:
+    """The box of every slice each segment's keyframes span (locked slices included)."""
+    return {s.label: interpolate_boxes(s, options.interpolation) for s in prompts.segments}
+
+
+def slices_to_decode(prompts: PromptDocument, boxes: Plan) -> list[int]:
+    """Every slice some segment decodes (its planned range less its locked slices), sorted."""
+    needed: set[int] = set()
+    for segment in prompts.segments:
+        needed |= set(boxes[segment.label]) - set(segment.locked_slices)
+    return sorted(needed)
+
+
 class _Run:
     """Book-keeping of one annotate call: timings, cache counts, progress, cancel."""
 
@@ -203,8 +129,8 @@ class _Run:
             raise Cancelled("cancelled; nothing was written")
 
     def masks(self, indices: list[int], boxes: list[np.ndarray]) -> np.ndarray:
-        """(N, rows, cols) probabilities for boxes on slices, in batches; constant slices give empty masks."""
-        out = np.zeros((len(indices), *self.stack.shape), dtype=np.float32)
+        """(N, rows, cols) bool masks for boxes on slices, in batches; constant slices give empty masks."""
+        out = np.zeros((len(indices), *self.stack.shape), dtype=bool)
         live = [n for n, i in enumerate(indices) if not self.stack.is_constant(i)]
         for start in range(0, len(live), self.batch_size):
             self.check()
@@ -212,7 +138,7 @@ class _Run:
             t0 = time.perf_counter()
             emb, hits = self.stack.embeddings([indices[n] for n in batch], should_stop=self.should_stop)
             t1 = time.perf_counter()
-            out[batch] = self.stack.decode(emb, np.array([boxes[n] for n in batch]))
+            out[batch] = self.stack.masks(emb, np.array([boxes[n] for n in batch]))
             t2 = time.perf_counter()
             self.seconds_embedding += t1 - t0
             self.seconds_decoding += t2 - t1
@@ -233,13 +159,14 @@ def annotate(
     array: np.ndarray,
     direction: np.ndarray,
     prompts: PromptDocument,
-    model: PromptableModel,
+    model: Any,
     cache: Optional[EmbeddingCache] = None,
     options: Optional[AnnotateOptions] = None,
     existing: Optional[np.ndarray] = None,
     progress: Optional[Progress] = None,
     should_stop: Optional[Callable[[], bool]] = None,
     digest: Optional[str] = None,
+    stack: Optional[SliceStack] = None,
 ) -> AnnotationResult:
     """Segment every prompt-document segment of a volume.
 
@@ -247,8 +174,11 @@ def annotate(
         array: (k, j, i) or (k, j, i, 3) volume, never modified.
         direction: 3x3 LPS direction (columns i, j, k), used to orient slices.
         prompts: a parsed document (``prompts.parse_prompts``) for this volume's size.
+        model: a ``PromptableModel`` (or the server's ``WorkerModel``).
         existing: optional (k, j, i) labelmap; the result starts from it, and locked
             slices keep its values.
+        stack: the volume already seen as slices through ``model`` (the server keeps one per
+            session); built from ``array`` when None.
         progress: ``progress(phase, done, total)``; should_stop: polled between batches.
     Returns: the full labelmap and per-segment statistics. Raises Cancelled before
     anything is returned if stopped: the caller's data is untouched.
@@ -258,9 +188,10 @@ def annotate(
     spatial = array.shape[:3]
     if existing is not None and existing.shape != spatial:
         raise InputError(f"the existing segmentation has shape {existing.shape}, the image {spatial}")
-    stack = SliceStack(array, direction, prompts.axis, prompts.window, model, cache, options.orientation, digest)
+    if stack is None:
+        stack = SliceStack(array, direction, prompts.axis, prompts.window, model, cache, options.orientation, digest)
     labels = np.zeros(spatial, dtype=np.uint16) if existing is None else existing.astype(np.uint16, copy=True)
-    plans = {s.label: interpolate_boxes(s, options.interpolation) for s in prompts.segments}
+    plans = plan(prompts, options)
     total = sum(len(set(plans[s.label]) - set(s.locked_slices)) for s in prompts.segments)
     run = _Run(stack, progress, should_stop, total, options.batch_size or model.decoder_batch)
     notes = list(prompts.notes)
@@ -291,9 +222,8 @@ def _segment_mask(segment: SegmentPrompt, boxes: dict[int, np.ndarray], stack: S
     for i, content in locked.items():
         mask[i] = content
     indices = [i for i in sorted(boxes) if i not in locked]
-    probabilities = run.masks(indices, [boxes[i] for i in indices])
-    for i, p in zip(indices, probabilities):
-        mask[i] = p > 0.5
+    for i, m in zip(indices, run.masks(indices, [boxes[i] for i in indices])):
+        mask[i] = m
     for i in indices:
         if stack.is_constant(i):
             notes.append(f"segment {segment.name!r}, slice {i}: the slice is constant, left empty")
@@ -334,7 +264,7 @@ def _propagate(mask: np.ndarray, start: int, step: int, limit: int, stack: Slice
         grow = np.maximum(1.0, PROPAGATION_MARGIN_FRACTION * (box[2:] - box[:2]))
         box = np.clip(box + np.concatenate([-grow, grow]), 0, [stack.shape[1] - 1, stack.shape[0] - 1] * 2)
         run.total += 1
-        candidate = run.masks([index], [box])[0] > 0.5
+        candidate = run.masks([index], [box])[0]
         if candidate.sum() < PROPAGATION_MIN_AREA_FRACTION * rows.size:
             break
         if abs(stack.mean_intensity(index, candidate) - reference_intensity) > 255 * PROPAGATION_MAX_INTENSITY_SHIFT:

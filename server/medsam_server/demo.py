@@ -14,9 +14,10 @@ import sys
 from pathlib import Path
 
 from . import cli
+from .io.images import read_image
+from .io.labels import read_labels
 from .metrics import case_scores
 from .simulate import simulated_prompts, target_labels
-from .volumes import read_image, read_labels
 
 EVERY = 5
 TARGETS = ("right lung", "left lung")

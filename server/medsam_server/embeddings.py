@@ -1,12 +1,18 @@
-"""The per-slice embedding cache and the one function that fills it.
+"""The per-slice embedding cache and THE embed path: from the cache, or encoded and cached.
 
-An embedding is the image encoder's output for one slice: (256, 64, 64) float32,
-4 MiB (2 MiB stored as fp16). It is keyed by everything that changes it:
+An embedding is the image encoder's output for one slice (``model.embedding_shape``,
+(256, 64, 64) float32 for both families: 4 MiB, 2 MiB stored as fp16). It is keyed by
+everything that changes it:
 
     SliceKey(volume digest, axis, slice index, model name, preprocessing)
 
 where *preprocessing* names the intensity mapping and the in-plane view, so a new
 window or orientation never reuses a stale embedding.
+
+:func:`embed_steps` is the only code that looks embeddings up and encodes the misses.
+It is a generator that stops after each encoder batch: :func:`embed` runs it to the
+end at once (the CLI and the engine), and the server's model worker runs one step at
+a time between more urgent work, so one algorithm serves both.
 """
 
 from __future__ import annotations
@@ -15,12 +21,11 @@ import hashlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Iterable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Generator, NamedTuple, Optional, Sequence
 
 import numpy as np
 
 from .errors import Cancelled
-from .models.base import EMBEDDING_SHAPE, PromptableModel
 
 DEFAULT_BUDGET_BYTES = 2 << 30  # 2 GiB: 512 slices in fp32, 1024 in fp16
 
@@ -111,44 +116,73 @@ class EmbeddingCache:
             return CacheStats(**{**self._stats.__dict__, "entries": len(self._entries)})
 
 
-def embed_slices(
-    model: PromptableModel,
-    cache: EmbeddingCache,
-    keys: Sequence[SliceKey],
-    view_slice: Callable[[int], np.ndarray],
-    progress: Optional[Callable[[int], None]] = None,
-    should_stop: Optional[Callable[[], bool]] = None,
-) -> tuple[np.ndarray, int]:
-    """Embeddings for ``keys`` in order, computing only the cached misses.
+ViewSlice = Callable[[int], np.ndarray]  # n -> the uint8 view-pixel image of keys[n]
+Progress = Callable[[int], None]  # told how many more slices are ready
+ShouldStop = Callable[[], bool]
+EmbedResult = tuple[Optional[np.ndarray], int]  # (N, *embedding_shape) float32 or None, cache hits
 
-    ``view_slice(i)`` returns the uint8 view-pixel image of ``keys[i]``; it is called
-    only for misses. ``progress(n)`` is told each newly finished slice count;
-    ``should_stop()`` is polled between encoder batches (cancel).
-    Returns (N, 256, 64, 64) float32 and the number of cache hits.
+
+def embed_steps(model: Any, cache: EmbeddingCache, keys: Sequence[SliceKey], view_slice: ViewSlice,
+                progress: Optional[Progress] = None, should_stop: Optional[ShouldStop] = None,
+                keep: bool = True, chunk: Optional[int] = None) -> Generator[None, None, EmbedResult]:
+    """Embeddings for ``keys`` in order, encoding only what the cache lacks; yields after each encoder batch.
+
+    ``model`` has ``embed(list of uint8 view slices)``, ``embedding_shape`` and ``encoder_batch``;
+    ``view_slice(n)`` is called only for misses; ``progress(n)`` hears of each finished batch (hits
+    first); ``should_stop()`` is polled before each batch (Cancelled). The cache is asked again
+    before each batch, so a slice that another run stored meanwhile is not encoded twice.
+    ``keep=False`` only fills the cache (a long prefetch must not hold every embedding twice) and
+    returns None for the array. ``chunk`` is slices per step (default: the model's encoder batch).
+    Returns the (N, *embedding_shape) float32 array (or None) and the number of cache hits.
     """
-    out = np.empty((len(keys), *EMBEDDING_SHAPE), dtype=np.float32)
-    missing: list[int] = []
-    for i, key in enumerate(keys):
-        cached = cache.get(key)
-        if cached is None:
-            missing.append(i)
-        else:
-            out[i] = cached
+    out = np.empty((len(keys), *model.embedding_shape), dtype=np.float32) if keep else None
+    missing = [n for n, key in enumerate(keys) if not _take(cache, key, out, n)]
     hits = len(keys) - len(missing)
     if progress and hits:
         progress(hits)
-    for batch in _chunks(missing, model.encoder_batch):
+    step = max(1, chunk or model.encoder_batch)
+    position = 0
+    while position < len(missing):
         if should_stop and should_stop():
             raise Cancelled("cancelled while computing embeddings")
-        embedded = model.embed([view_slice(i) for i in batch])
-        for i, embedding in zip(batch, embedded):
-            out[i] = embedding
-            cache.put(keys[i], embedding)
+        batch: list[int] = []
+        start = position
+        while position < len(missing) and len(batch) < step:
+            n = missing[position]
+            position += 1
+            if _take(cache, keys[n], out, n):  # stored meanwhile (a prefetch, another request)
+                hits += 1
+            else:
+                batch.append(n)
+        if batch:
+            for n, embedding in zip(batch, model.embed([view_slice(n) for n in batch]), strict=True):
+                if out is not None:
+                    out[n] = embedding
+                cache.put(keys[n], embedding)
         if progress:
-            progress(len(batch))
+            progress(position - start)
+        yield
     return out, hits
 
 
-def _chunks(items: Sequence[int], size: int) -> Iterable[Sequence[int]]:
-    for start in range(0, len(items), max(1, size)):
-        yield items[start:start + size]
+def _take(cache: EmbeddingCache, key: SliceKey, out: Optional[np.ndarray], n: int) -> bool:
+    """Copy a cached embedding into ``out[n]``; True when the cache had it."""
+    if out is None:
+        return key in cache
+    cached = cache.get(key)
+    if cached is None:
+        return False
+    out[n] = cached
+    return True
+
+
+def embed(model: Any, cache: EmbeddingCache, keys: Sequence[SliceKey], view_slice: ViewSlice,
+          progress: Optional[Progress] = None, should_stop: Optional[ShouldStop] = None,
+          keep: bool = True) -> EmbedResult:
+    """:func:`embed_steps` run to the end here and now."""
+    steps = embed_steps(model, cache, keys, view_slice, progress, should_stop, keep)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value

@@ -1,7 +1,7 @@
-"""The one exception type for input a user can fix.
+"""Domain errors: what went wrong, in words a user can act on; no HTTP here.
 
-It subclasses ValueError so library callers may catch either; the CLI turns it
-into exit code 2 and the server into HTTP 422, each in one place.
+The CLI turns :class:`InputError` into exit code 2 (``cli.py``); the server maps
+every class below to a status code in one table (``api.ERRORS``).
 """
 
 
@@ -11,3 +11,43 @@ class InputError(ValueError):
 
 class Cancelled(Exception):
     """A long run was stopped by its caller; nothing was written."""
+
+
+class WireError(Exception):
+    """A request body that breaks the wire protocol (not an envelope, truncated, bad JSON)."""
+
+
+class TooLarge(WireError):
+    """A body, header or array beyond the server's limits."""
+
+
+class Unsupported(WireError):
+    """A content type, dtype or compression the protocol does not accept."""
+
+
+class UnknownSession(LookupError):
+    """No such session for this caller (never says whether it exists for someone else)."""
+
+
+class UnknownJob(LookupError):
+    """No such job in this session."""
+
+
+class Busy(RuntimeError):
+    """The server holds as much as it may; the message says what to free."""
+
+
+class NotFinished(RuntimeError):
+    """A job's result was asked for before the job ended."""
+
+
+class VersionMismatch(RuntimeError):
+    """The client speaks another API version."""
+
+
+class Unauthorized(Exception):
+    """No token where the server needs one."""
+
+
+class Forbidden(Exception):
+    """A token the server does not know."""

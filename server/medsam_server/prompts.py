@@ -3,12 +3,15 @@
 Frames: the document speaks in voxel indices (i, j, k). Slices are taken along
 ``axis``; u and v are the two other axes in increasing order, so on a slice a box
 ``[u_min, v_min, u_max, v_max]`` is ``[x_min, y_min, x_max, y_max]`` with columns
-along u and rows along v (see ``preprocess.in_plane_axes``).
+along u and rows along v (see ``geometry.in_plane_axes``).
 
 RECIST lines: every line drawn on a slice (long and short axis) joins one
 rectangle that encloses all their end points, grown by ``LINE_MARGIN_FRACTION``
 of its side on each side (at least one voxel) so that the lesion's edge, which
 the axes only touch, falls inside the box.
+
+The small JSON validators at the end (keys, integers, axis, orientation) are shared
+with ``requests.py``, which parses the server's other request bodies.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ from typing import Any, Sequence, Union
 import numpy as np
 
 from .errors import InputError
-from .preprocess import check_box, in_plane_axes, parse_window
+from .geometry import ORIENTATIONS, check_box, check_points, slice_shape
+from .intensity import parse_window
+from .protocol import MAX_LABEL
 
 LINE_MARGIN_FRACTION = 0.1
 
 _DOCUMENT_KEYS = {"axis", "window", "segments"}
 _SEGMENT_KEYS = {"name", "label", "boxes", "lines", "locked_slices"}
-MAX_LABEL = 65535
 
 
 @dataclass(frozen=True)
@@ -54,12 +58,6 @@ class PromptDocument:
     notes: list[str] = field(default_factory=list)  # boxes clipped to the slice, and the like
 
 
-def slice_shape(size_ijk: Sequence[int], axis: int) -> tuple[int, int]:
-    """(rows, cols) of a slice along ``axis`` of a volume of size (i, j, k)."""
-    u, v = in_plane_axes(axis)
-    return int(size_ijk[v]), int(size_ijk[u])
-
-
 def line_box(lines: Sequence[np.ndarray], shape: tuple[int, int]) -> list[float]:
     """The margin-grown rectangle around RECIST line end points ``(n, 2, 2)`` as (u, v)."""
     points = np.concatenate([np.asarray(line, dtype=np.float64) for line in lines])
@@ -84,10 +82,8 @@ def parse_prompts(document: Union[dict, str], size_ijk: Sequence[int]) -> Prompt
             raise InputError(f"the prompt document is not valid JSON: {err}") from None
     if not isinstance(document, dict):
         raise InputError("the prompt document must be a JSON object with 'segments'")
-    _no_unknown_keys(document, _DOCUMENT_KEYS, "the prompt document")
-    axis = document.get("axis", 2)
-    if not isinstance(axis, int) or isinstance(axis, bool) or axis not in (0, 1, 2):
-        raise InputError(f"axis must be 0, 1 or 2, got {axis!r}")
+    no_unknown_keys(document, _DOCUMENT_KEYS, "the prompt document")
+    axis = check_axis(document.get("axis", 2))
     window = parse_window(document.get("window", "auto"))
     raw_segments = document.get("segments")
     if not isinstance(raw_segments, list) or not raw_segments:
@@ -108,14 +104,7 @@ def parse_prompts(document: Union[dict, str], size_ijk: Sequence[int]) -> Prompt
     return PromptDocument(axis=axis, window=window, segments=segments, notes=notes)
 
 
-def _no_unknown_keys(obj: dict, allowed: set, where: str) -> None:
-    unknown = sorted(set(obj) - allowed)
-    if unknown:
-        raise InputError(
-            f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(allowed))}")
-
-
-def _index(value: Any, n: int, where: str, what: str = "slice") -> int:
+def _slice_index(value: Any, n: int, where: str, what: str = "slice") -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise InputError(f"{where}: {what} must be an integer index, got {value!r}")
     if not 0 <= value < n:
@@ -129,43 +118,54 @@ def _parse_segment(raw: Any, position: int, n_slices: int, shape: tuple[int, int
         raise InputError(f"segment {position} must be an object")
     name = raw.get("name", f"segment {position}")
     where = f"segment {name!r}"
-    _no_unknown_keys(raw, _SEGMENT_KEYS, where)
+    no_unknown_keys(raw, _SEGMENT_KEYS, where)
     if not isinstance(name, str) or not name.strip():
         raise InputError(f"segment {position}: name must be a non-empty string")
     label = raw.get("label", position)
     if not isinstance(label, int) or isinstance(label, bool) or not 1 <= label <= MAX_LABEL:
         raise InputError(f"{where}: label must be an integer 1..{MAX_LABEL}, got {label!r}")
+    keyframes = _box_keyframes(raw, where, n_slices, shape, notes)
+    for index, lines in sorted(_lines_by_slice(raw, where, n_slices, shape).items()):
+        if index in keyframes:
+            raise InputError(f"{where}, slice {index}: has both a box and lines; keep one kind per slice")
+        keyframes[index] = Keyframe(index, tuple(line_box(lines, shape)), "lines")
+    if not keyframes:
+        raise InputError(f"{where}: needs at least one box or line")
+    locked = tuple(sorted({_slice_index(s, n_slices, where, "locked slice")
+                           for s in _list(raw, "locked_slices", where)}))
+    return SegmentPrompt(name=name.strip(), label=label, keyframes=[keyframes[k] for k in sorted(keyframes)],
+                         locked_slices=locked)
 
+
+def _box_keyframes(raw: dict, where: str, n_slices: int, shape: tuple[int, int],
+                   notes: list[str]) -> dict[int, Keyframe]:
     keyframes: dict[int, Keyframe] = {}
     for entry in _list(raw, "boxes", where):
         if not isinstance(entry, dict) or set(entry) != {"slice", "box"}:
             raise InputError(
                 f"{where}: each box is {{\"slice\": k, \"box\": [u_min, v_min, u_max, v_max]}}, got {entry!r}")
-        index = _index(entry["slice"], n_slices, where)
+        index = _slice_index(entry["slice"], n_slices, where)
         if index in keyframes:
             raise InputError(f"{where}, slice {index}: two boxes on one slice; keep one")
         box, note = check_box(entry["box"], shape, f"{where}, slice {index}")
         if note:
             notes.append(note)
         keyframes[index] = Keyframe(index, tuple(box.tolist()), "box")
+    return keyframes
 
-    lines_by_slice: dict[int, list[np.ndarray]] = {}
+
+def _lines_by_slice(raw: dict, where: str, n_slices: int, shape: tuple[int, int]) -> dict[int, list[np.ndarray]]:
+    lines: dict[int, list[np.ndarray]] = {}
     for entry in _list(raw, "lines", where):
         if not isinstance(entry, dict) or set(entry) != {"slice", "points"}:
             raise InputError(f"{where}: each line is {{\"slice\": k, \"points\": [[u, v], [u, v]]}}, got {entry!r}")
-        index = _index(entry["slice"], n_slices, where)
-        points = _line_points(entry["points"], shape, f"{where}, slice {index}")
-        lines_by_slice.setdefault(index, []).append(points)
-    for index, lines in sorted(lines_by_slice.items()):
-        if index in keyframes:
-            raise InputError(f"{where}, slice {index}: has both a box and lines; keep one kind per slice")
-        keyframes[index] = Keyframe(index, tuple(line_box(lines, shape)), "lines")
-
-    if not keyframes:
-        raise InputError(f"{where}: needs at least one box or line")
-    locked = tuple(sorted({_index(s, n_slices, where, "locked slice") for s in _list(raw, "locked_slices", where)}))
-    return SegmentPrompt(name=name.strip(), label=label, keyframes=[keyframes[k] for k in sorted(keyframes)],
-                         locked_slices=locked)
+        index = _slice_index(entry["slice"], n_slices, where)
+        at = f"{where}, slice {index}"
+        points = check_points(entry["points"], shape, "a line is two points [[u, v], [u, v]]", (2, 2), at)
+        if np.allclose(points[0], points[1]):
+            raise InputError(f"{at}: line {points.tolist()} has zero length")
+        lines.setdefault(index, []).append(points)
+    return lines
 
 
 def _list(raw: dict, key: str, where: str) -> list:
@@ -175,16 +175,31 @@ def _list(raw: dict, key: str, where: str) -> list:
     return value
 
 
-def _line_points(points: Any, shape: tuple[int, int], where: str) -> np.ndarray:
-    try:
-        array = np.asarray(points, dtype=np.float64)
-    except (TypeError, ValueError):
-        array = np.empty(0)
-    if array.shape != (2, 2) or not np.isfinite(array).all():
-        raise InputError(f"{where}: a line is two points [[u, v], [u, v]], got {points!r}")
-    rows, cols = shape
-    if (array < 0).any() or (array[:, 0] > cols - 1).any() or (array[:, 1] > rows - 1).any():
-        raise InputError(f"{where}: line {array.tolist()} leaves the {cols}x{rows} slice")
-    if np.allclose(array[0], array[1]):
-        raise InputError(f"{where}: line {array.tolist()} has zero length")
-    return array
+# ------------------------------------------------------------------ JSON validators (shared with requests.py)
+
+
+def no_unknown_keys(raw: dict, allowed: set, where: str) -> None:
+    unknown = sorted(map(str, set(raw) - allowed))
+    if unknown:
+        raise InputError(f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; "
+                         f"allowed: {', '.join(sorted(allowed))}")
+
+
+def check_int(value: Any, low: int, high: int, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InputError(f"{what} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise InputError(f"{what} {value} is out of range {low}..{high}")
+    return value
+
+
+def check_axis(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value not in (0, 1, 2):
+        raise InputError(f"axis must be 0, 1 or 2, got {value!r}")
+    return value
+
+
+def check_orientation(value: Any) -> str:
+    if value not in ORIENTATIONS:
+        raise InputError(f"orientation must be one of {', '.join(ORIENTATIONS)}, got {value!r}")
+    return value

@@ -14,8 +14,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .annotate import slice_index
 from .errors import InputError
+from .geometry import slice_index
 
 
 def keyframe_slices(present: np.ndarray, every: int) -> list[int]:

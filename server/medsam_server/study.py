@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .errors import InputError
+from .plots import study_bars
 
 MODES = ("manual", "assisted")
 PHASES_BY_MODE = {"manual": ("manual",), "assisted": ("initial_marker", "inference", "refinement")}
@@ -44,7 +45,7 @@ Warn = Callable[[str], None]
 
 
 @dataclass
-class Session:
+class RecordedSession:
     """One recording session as read back: its identity and the seconds per phase it recorded."""
 
     path: str
@@ -96,7 +97,7 @@ def _number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def read_study(study_dir: str, warn: Optional[Warn] = None) -> list[Session]:
+def read_study(study_dir: str, warn: Optional[Warn] = None) -> list[RecordedSession]:
     """Read every ``*.jsonl`` under ``study_dir`` into sessions.
 
     Damaged or out-of-place lines are skipped through ``warn`` (default: ``warnings.warn``), naming
@@ -113,7 +114,7 @@ def read_study(study_dir: str, warn: Optional[Warn] = None) -> list[Session]:
     )
     if not files:
         raise InputError(f"study folder {study_dir} holds no .jsonl records")
-    sessions: dict[tuple[str, str], Session] = {}
+    sessions: dict[tuple[str, str], RecordedSession] = {}
     for path in files:
         with open(path, encoding="utf-8", errors="replace") as stream:
             for number, line in enumerate(stream, start=1):
@@ -132,7 +133,7 @@ def read_study(study_dir: str, warn: Optional[Warn] = None) -> list[Session]:
     return list(sessions.values())
 
 
-def _read_line(path: str, line: str, sessions: dict[tuple[str, str], Session]) -> str:
+def _read_line(path: str, line: str, sessions: dict[tuple[str, str], RecordedSession]) -> str:
     """Fold one line into ``sessions``; return a description of the problem, or '' when it was fine."""
     try:
         record = json.loads(line)
@@ -140,7 +141,6 @@ def _read_line(path: str, line: str, sessions: dict[tuple[str, str], Session]) -
         return f"not valid JSON ({err.msg})"
     if not isinstance(record, dict):
         return "not a JSON object"
-    event = record.get("event")
     annotator, case, mode = record.get("annotator"), record.get("case"), record.get("mode")
     if not all(isinstance(v, str) and v for v in (annotator, case)):
         return "no annotator or case"
@@ -149,9 +149,22 @@ def _read_line(path: str, line: str, sessions: dict[tuple[str, str], Session]) -
     key = (path, str(record.get("session", "")))
     session = sessions.get(key)
     if session is None:
-        session = Session(path=path, session=key[1], annotator=annotator, case=case, mode=mode)
+        session = RecordedSession(path=path, session=key[1], annotator=annotator, case=case, mode=mode)
     elif (session.annotator, session.case, session.mode) != (annotator, case, mode):
         return "annotator, case or mode differs from the rest of its session"
+    problem = _apply_event(session, record, mode)
+    if problem:
+        return problem
+    for name in ("keyframe_count", "keyframe_spacing"):
+        if _number(record.get(name)):
+            setattr(session, name, record[name])
+    sessions[key] = session
+    return ""
+
+
+def _apply_event(session: RecordedSession, record: dict, mode: str) -> str:
+    """Fold one event into its session; return the problem, or '' when it was fine."""
+    event = record.get("event")
     if event == "case_start":
         session.target = str(record.get("target") or "")
     elif event == "phase":
@@ -168,14 +181,10 @@ def _read_line(path: str, line: str, sessions: dict[tuple[str, str], Session]) -
         session.slices_segmented = record.get("slices_segmented")
     elif event not in ("pause", "resume"):
         return f"unknown event {event!r}"
-    for name in ("keyframe_count", "keyframe_spacing"):
-        if _number(record.get(name)):
-            setattr(session, name, record[name])
-    sessions[key] = session
     return ""
 
 
-def table15(sessions: list[Session]) -> list[Row]:
+def table15(sessions: list[RecordedSession]) -> list[Row]:
     """Rows per annotator (natural order) and case, each annotator's block followed by its average row."""
     rows: dict[tuple[str, str], Row] = {}
     for s in sessions:
@@ -225,49 +234,6 @@ def to_markdown(table: list[Row], notes: Optional[list[str]] = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(table: list[Row], path: str) -> None:
-    """PNG: one panel per annotator; per case a manual bar beside an assisted bar split by phase."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    annotators = list(dict.fromkeys(r.annotator for r in table))
-    widest = max(sum(1 for r in table if r.annotator == a) for a in annotators)
-    fig, axes = plt.subplots(len(annotators), 1, figsize=(max(7.0, 0.75 * widest + 2.5), 3.4 * len(annotators) + 0.6),
-                             squeeze=False)
-    phase_colours = (("initial_marker", "Initial marker", "#4C72B0"), ("inference", "MedSAM inference", "#DD8452"),
-                     ("refinement", "Refinement", "#55A868"))
-    width = 0.38
-    for ax, annotator in zip(axes[:, 0], annotators, strict=True):
-        rows = [r for r in table if r.annotator == annotator]
-        xs = range(len(rows))
-        ax.bar([x - width / 2 for x in xs], [r.manual or 0.0 for r in rows], width, color="#8C8C8C", label="Manual")
-        bottom = [0.0] * len(rows)
-        for phase, label, colour in phase_colours:
-            heights = [r.value(phase) or 0.0 for r in rows]
-            ax.bar([x + width / 2 for x in xs], heights, width, bottom=bottom, color=colour, label=label)
-            bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
-        for x, r in zip(xs, rows, strict=True):
-            if r.time_saved_pct is not None:
-                ax.annotate(f"-{r.time_saved_pct:.0f}%", (x + width / 2, bottom[x]), textcoords="offset points",
-                            xytext=(0, 2), ha="center", fontsize=7)
-        if rows[-1].case == AVERAGE and len(rows) > 1:
-            ax.axvline(len(rows) - 1.5, color="black", linewidth=0.6, linestyle="--")
-        ax.set_ylim(0, max(max(r.manual or 0.0 for r in rows), max(bottom)) * 1.18 or 1.0)  # room for the legend
-        ax.set_xticks(list(xs))
-        ax.set_xticklabels([("Avg." if r.case == AVERAGE else r.case) for r in rows])
-        ax.set_ylabel("seconds")
-        ax.set_title(f"{annotator}: manual vs MedSAM-assisted annotation time", fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-        ax.set_axisbelow(True)
-    axes[0, 0].legend(fontsize=8, ncol=4, loc="upper left")
-    axes[-1, 0].set_xlabel("case (label above an assisted bar: time saved)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def summarize(study_dir: str, out_dir: str, warn: Optional[Warn] = None) -> tuple[list[Row], dict[str, str]]:
     """Read ``study_dir`` and write ``table15.csv``, ``table15.md`` and ``table15.png`` into ``out_dir``.
 
@@ -288,5 +254,5 @@ def summarize(study_dir: str, out_dir: str, warn: Optional[Warn] = None) -> tupl
     write_csv(table, paths["csv"])
     with open(paths["md"], "w", encoding="utf-8") as stream:
         stream.write(to_markdown(table, notes))
-    plot(table, paths["png"])
+    study_bars(table, paths["png"], AVERAGE)
     return table, paths

@@ -18,12 +18,12 @@ Frames: ``shape`` is numpy's (k, j, i) order (SimpleITK's ``GetArrayFromImage``)
 ``direction`` are LPS as SimpleITK reports them (``direction`` row-major, its columns
 the i, j, k axes). Geometry and offset are optional.
 
-Decoding is strict and bounded: the dtype must be whitelisted, the shape within
-:class:`Limits`, and the data exactly as long as the shape says. Decompression
-stops as soon as the output would pass the declared size, so a compression bomb
+Names, dtypes and limits come from :mod:`.protocol`. Decoding is strict and bounded:
+the dtype must be whitelisted, the shape within :class:`Limits`, and the data exactly
+as long as the shape says. Decompression stops as soon as the output would pass the declared size, so a compression bomb
 costs at most one chunk beyond it.
 
-This module is numpy + stdlib. The Slicer client (``MedSAMSlicerLib/client.py``)
+This module is numpy + stdlib (no torch). The Slicer client (``MedSAMSlicerLib/client.py``)
 has its own small codec of the same format, because Slicer's Python has no
 ``medsam_server``; ``tests/test_wire.py`` runs both against each other so they
 cannot drift.
@@ -36,57 +36,15 @@ import math
 import struct
 import zlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 
-# ------------------------------------------------------------------ names
+from .errors import TooLarge, Unsupported, WireError
+from .protocol import ARRAY_FIELDS, COMPRESSIONS, IMAGE_DTYPES, MAGIC, RGB_CHANNELS, Limits
 
-ENVELOPE_TYPE = "application/vnd.medsam.array"
-JSON_TYPE = "application/json"
-MAGIC = b"MSW1"
-#: Every request may say which API it speaks; a different one is refused with 409.
-API_VERSION_HEADER = "X-MedSAM-API"
-#: The per-session secret returned by an upload; session routes need it (it never appears in a URL or a log).
-SESSION_KEY_HEADER = "X-MedSAM-Session-Key"
-
-IMAGE_DTYPES = ("uint8", "int8", "uint16", "int16", "int32", "float32", "float64")
-LABEL_DTYPES = ("uint8", "uint16")
-MASK_DTYPE = "uint8"
-RGB_CHANNELS = 3
-COMPRESSIONS = ("zlib", "gzip")
 _CHUNK = 4 << 20  # decompression step: the most a bomb can allocate past the declared size
-
-# ------------------------------------------------------------------ limits
-
-MiB = 1 << 20
-GiB = 1 << 30
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Hard caps on what a request may make the server hold; ``/info`` reports them."""
-
-    max_body_bytes: int = 1 * GiB  # a request body as sent (compressed)
-    max_decompressed_bytes: int = 2 * GiB  # one array after decompression
-    max_voxels: int = 1 << 28  # 268 M voxels, e.g. 512 x 512 x 1024
-    max_dim: int = 1 << 16
-    max_header_bytes: int = 1 * MiB  # the envelope's JSON
-    max_json_bytes: int = 8 * MiB  # a plain JSON request body (prompt documents, boxes)
-    max_boxes_per_request: int = 512
-    max_points_per_box: int = 32
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-class WireError(Exception):
-    """A request body that breaks the protocol; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
 
 
 # ------------------------------------------------------------------ encode
@@ -120,20 +78,20 @@ def encode(header: dict, array: Optional[np.ndarray] = None, level: int = 1) -> 
 
 def decode(body: bytes, limits: Limits = Limits(), dtypes: Sequence[str] = IMAGE_DTYPES,
            allow_rgb: bool = True) -> tuple[dict, Optional[np.ndarray]]:
-    """Envelope bytes -> (header, array or None); raises WireError with a message and a status.
+    """Envelope bytes -> (header, array or None); raises WireError (TooLarge, Unsupported) naming the problem.
 
     ``dtypes`` is the whitelist for this request (images or labels); ``allow_rgb``
     admits a trailing channel axis of 3. The array is little-endian, writable and
     owns its memory.
     """
     if len(body) > limits.max_body_bytes:
-        raise WireError(f"the body has {len(body)} bytes; the limit is {limits.max_body_bytes}", 413)
+        raise TooLarge(f"the body has {len(body)} bytes; the limit is {limits.max_body_bytes}")
     if len(body) < len(MAGIC) + 4 or body[:len(MAGIC)] != MAGIC:
         raise WireError(f"not a MedSAM array envelope (it starts with {MAGIC!r}, a 4-byte header length, "
                         "a JSON header and the compressed data)")
     (length,) = struct.unpack(">I", body[len(MAGIC):len(MAGIC) + 4])
     if length > limits.max_header_bytes:
-        raise WireError(f"the envelope header declares {length} bytes; the limit is {limits.max_header_bytes}", 413)
+        raise TooLarge(f"the envelope header declares {length} bytes; the limit is {limits.max_header_bytes}")
     start = len(MAGIC) + 4
     if len(body) < start + length:
         raise WireError(f"the body is truncated: its header declares {length} bytes, {len(body) - start} follow")
@@ -176,15 +134,15 @@ def check_array_header(meta: Any, limits: Limits, dtypes: Sequence[str], allow_r
     """Validate an ``"array"`` entry's dtype, shape and compression; return the little-endian dtype and shape."""
     if not isinstance(meta, dict):
         raise WireError("'array' must be an object with dtype and shape")
-    unknown = sorted(set(meta) - {"dtype", "shape", "compression", "spacing", "origin", "direction", "offset"})
+    unknown = sorted(set(meta) - set(ARRAY_FIELDS))
     if unknown:
         raise WireError(f"'array' has unknown key(s) {', '.join(map(repr, unknown))}")
     name = meta.get("dtype")
     if not isinstance(name, str) or name not in dtypes:
-        raise WireError(f"dtype {name!r} is not accepted here; use one of {', '.join(dtypes)}", 415)
+        raise Unsupported(f"dtype {name!r} is not accepted here; use one of {', '.join(dtypes)}")
     compression = meta.get("compression", "zlib")
     if compression not in COMPRESSIONS:
-        raise WireError(f"compression {compression!r} is not supported; use one of {', '.join(COMPRESSIONS)}", 415)
+        raise Unsupported(f"compression {compression!r} is not supported; use one of {', '.join(COMPRESSIONS)}")
     shape = meta.get("shape")
     if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape):
         raise WireError(f"shape must be a list of integers, got {shape!r}")
@@ -195,15 +153,14 @@ def check_array_header(meta: Any, limits: Limits, dtypes: Sequence[str], allow_r
     if any(n < 1 for n in shape):
         raise WireError(f"shape {shape} has an empty axis")
     if any(n > limits.max_dim for n in shape):
-        raise WireError(f"shape {shape} has an axis longer than {limits.max_dim}", 413)
+        raise TooLarge(f"shape {shape} has an axis longer than {limits.max_dim}")
     voxels = math.prod(shape[:3])
     if voxels > limits.max_voxels:
-        raise WireError(f"shape {shape} has {voxels} voxels; the limit is {limits.max_voxels}", 413)
+        raise TooLarge(f"shape {shape} has {voxels} voxels; the limit is {limits.max_voxels}")
     dtype = np.dtype(name).newbyteorder("<")
     size = math.prod(shape) * dtype.itemsize
     if size > limits.max_decompressed_bytes:
-        raise WireError(f"shape {shape} of {name} needs {size} bytes; the limit is {limits.max_decompressed_bytes}",
-                        413)
+        raise TooLarge(f"shape {shape} of {name} needs {size} bytes; the limit is {limits.max_decompressed_bytes}")
     return dtype, tuple(shape)
 
 

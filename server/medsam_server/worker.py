@@ -9,13 +9,14 @@ the event loop never waits for it. The worker's loop:
    runs each group as one decoder call. While it was busy, requests piled up; they
    leave together. An idle worker answers a lone request at once (no waiting to fill
    a batch).
-2. Otherwise it runs one chunk of the most urgent encode request: a ``segment``
+2. Otherwise it runs one step of the most urgent embedding request: a ``segment``
    (``PRIORITY_SEGMENT``) before an ``annotate`` job before a background prefetch.
-   A request longer than a chunk goes back into the queue after each chunk, so a
-   box on a new slice waits for at most one chunk of someone's prefetch.
+   A request is ``embeddings.embed_steps`` (the one embed path), one encoder chunk
+   a step; it goes back into the queue after each, so a box on a new slice waits for
+   at most one chunk of someone's prefetch.
 
-:class:`WorkerModel` wraps the worker in the interface of ``PromptableModel`` so
-that the engine (``SliceStack``, ``annotate``) runs unchanged on top of it.
+:class:`WorkerModel` wraps the worker in the interface of ``PromptableModel`` that
+the engine (``SliceStack``, ``annotate``) uses, so the engine runs unchanged on it.
 """
 
 from __future__ import annotations
@@ -24,16 +25,15 @@ import heapq
 import itertools
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
-from .embeddings import EmbeddingCache, SliceKey
+from .embeddings import EmbeddingCache, EmbedResult, SliceKey, ViewSlice, embed_steps
 from .errors import Cancelled
-from .models.base import EMBEDDING_SHAPE, PromptableModel
 
 log = logging.getLogger(__name__)
 
@@ -55,31 +55,30 @@ class _Decode:
 
 
 @dataclass
-class _Encode:
-    images: Sequence[Callable[[], np.ndarray]]  # lazily made (H, W[, 3]) uint8 view slices
-    keys: Optional[Sequence[SliceKey]]  # cache keys: cached slices are taken, new ones stored
-    should_stop: Optional[Callable[[], bool]]
-    on_progress: Optional[Callable[[int], None]]  # told how many more slices are ready
-    keep: bool = True  # False: only fill the cache (a prefetch), the future's result is None
-    out: Optional[np.ndarray] = field(init=False)
-    next: int = 0
+class _Embed:
+    steps: Generator[None, None, EmbedResult]
     future: Future = field(default_factory=Future)
 
-    def __post_init__(self):
-        self.out = np.empty((len(self.images), *EMBEDDING_SHAPE), dtype=np.float32) if self.keep else None
+
+#: What ``/info`` reports of the worker; all counts since it started.
+STATS = ("decode_calls", "decoded_prompts", "largest_decode_batch", "encode_calls", "encoded_slices",
+         "cache_reused_slices")  # the last: slices an embedding request found cached instead of encoding them
 
 
-@dataclass
-class WorkerStats:
-    decode_calls: int = 0
-    decoded_prompts: int = 0
-    largest_decode_batch: int = 0
-    encode_calls: int = 0
-    encoded_slices: int = 0
-    cache_reused_slices: int = 0
+class _CountingModel:
+    """The worker's model as ``embed_steps`` sees it: encoder calls counted, chunked as the worker says."""
 
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
+    def __init__(self, worker: ModelWorker):
+        self.worker = worker
+        self.embedding_shape = worker.model.embedding_shape
+        self.encoder_batch = worker.encode_chunk
+
+    def embed(self, slices: Sequence[np.ndarray]) -> np.ndarray:
+        out = self.worker.model.embed(slices)
+        with self.worker._condition:
+            self.worker._stats["encode_calls"] += 1
+            self.worker._stats["encoded_slices"] += len(slices)
+        return out
 
 
 class ModelWorker:
@@ -89,7 +88,7 @@ class ModelWorker:
     ``encoder_batch``, 1 on a CPU, where a short step also keeps ``segment`` responsive).
     """
 
-    def __init__(self, model: PromptableModel, cache: EmbeddingCache, encode_chunk: Optional[int] = None,
+    def __init__(self, model: Any, cache: EmbeddingCache, encode_chunk: Optional[int] = None,
                  max_decode_batch: Optional[int] = None):
         self.model = model
         self.cache = cache
@@ -101,7 +100,8 @@ class ModelWorker:
         self._order = itertools.count()
         self._condition = threading.Condition()
         self._stopping = False
-        self._stats = WorkerStats()
+        self._stats = dict.fromkeys(STATS, 0)
+        self._encoder = _CountingModel(self)
         self._thread = threading.Thread(target=self._run, name="medsam-model-worker", daemon=True)
 
     # ------------------------------------------------------------ submitting
@@ -130,29 +130,17 @@ class ModelWorker:
         self._submit(PRIORITY_DECODE, item)
         return item.future
 
-    def encode(self, images: Sequence[Callable[[], np.ndarray]], keys: Optional[Sequence[SliceKey]] = None,
-               priority: int = PRIORITY_SEGMENT, should_stop: Optional[Callable[[], bool]] = None,
-               on_progress: Optional[Callable[[int], None]] = None, keep: bool = True) -> Future:
-        """Future of (N, 256, 64, 64) float32 embeddings of lazily made view slices, in order.
-
-        With ``keys``, slices already in the cache (put there meanwhile, e.g. by a
-        prefetch) are taken from it and new embeddings are stored in it; with
-        ``keep=False`` (needs ``keys``) they are only stored and the result is None.
-        """
-        if keys is not None and len(keys) != len(images):
-            raise ValueError("encode needs one cache key per image")
-        if not keep and keys is None:
-            raise ValueError("encode with keep=False needs cache keys, or the work is lost")
-        item = _Encode(list(images), None if keys is None else list(keys), should_stop, on_progress, keep)
-        if not item.images:
-            item.future.set_result(item.out)
-            return item.future
+    def embed(self, keys: Sequence[SliceKey], view_slice: ViewSlice, priority: int = PRIORITY_SEGMENT,
+              progress: Optional[Callable[[int], None]] = None, should_stop: Optional[Callable[[], bool]] = None,
+              keep: bool = True) -> Future:
+        """Future of ``embeddings.embed_steps``' result for ``keys``, run here a chunk at a time at ``priority``."""
+        item = _Embed(embed_steps(self._encoder, self.cache, keys, view_slice, progress, should_stop, keep))
         self._submit(priority, item)
         return item.future
 
     def stats(self) -> dict:
         with self._condition:
-            return {**self._stats.as_dict(), "queued": len(self._queue), "encode_chunk": self.encode_chunk}
+            return {**self._stats, "queued": len(self._queue), "encode_chunk": self.encode_chunk}
 
     def _submit(self, priority: int, item) -> None:
         with self._condition:
@@ -164,6 +152,17 @@ class ModelWorker:
 
     # ------------------------------------------------------------ the loop
 
+    def _next(self) -> tuple[list[_Decode], Optional[tuple]]:
+        """Under the lock: all pending decodes (up to a batch), else the most urgent embedding request."""
+        if self._queue[0][0] != PRIORITY_DECODE:
+            return [], heapq.heappop(self._queue)
+        batch, prompts = [], 0
+        while self._queue and self._queue[0][0] == PRIORITY_DECODE and prompts < self.max_decode_batch:
+            item = heapq.heappop(self._queue)[2]
+            batch.append(item)
+            prompts += len(item.boxes)
+        return batch, None
+
     def _run(self) -> None:
         while True:
             with self._condition:
@@ -172,22 +171,15 @@ class ModelWorker:
                 if self._stopping:
                     pending, self._queue = self._queue, []
                     break
-                if self._queue[0][0] == PRIORITY_DECODE:
-                    batch, prompts = [], 0
-                    while self._queue and self._queue[0][0] == PRIORITY_DECODE and prompts < self.max_decode_batch:
-                        item = heapq.heappop(self._queue)[2]
-                        batch.append(item)
-                        prompts += len(item.boxes)
-                    entry = None
-                else:
-                    batch, entry = [], heapq.heappop(self._queue)
+                batch, entry = self._next()
             try:
                 if batch:
                     self._decode(batch)
                 else:
-                    self._encode_step(*entry)
+                    self._embed_step(*entry)
             except Exception as err:  # noqa: BLE001 - the worker must outlive any one request
-                log.exception("model worker step failed")
+                if not isinstance(err, Cancelled):
+                    log.exception("model worker step failed")
                 for item in batch or [entry[2]]:
                     if not item.future.done():
                         item.future.set_exception(err)
@@ -216,46 +208,20 @@ class ModelWorker:
                 item.future.set_result(probabilities[start:start + len(item.boxes)])
                 start += len(item.boxes)
             with self._condition:
-                self._stats.decode_calls += 1
-                self._stats.decoded_prompts += len(probabilities)
-                self._stats.largest_decode_batch = max(self._stats.largest_decode_batch, len(probabilities))
+                self._stats["decode_calls"] += 1
+                self._stats["decoded_prompts"] += len(probabilities)
+                self._stats["largest_decode_batch"] = max(self._stats["largest_decode_batch"], len(probabilities))
 
-    def _encode_step(self, priority: int, order: int, item: _Encode) -> None:
-        if item.future.done():
+    def _embed_step(self, priority: int, order: int, item: _Embed) -> None:
+        try:
+            next(item.steps)
+        except StopIteration as done:
+            with self._condition:
+                self._stats["cache_reused_slices"] += done.value[1]
+            item.future.set_result(done.value)
             return
-        if item.should_stop is not None and item.should_stop():
-            item.future.set_exception(Cancelled("cancelled while computing embeddings"))
-            return
-        chunk, reused, start = [], 0, item.next
-        while item.next < len(item.images) and len(chunk) < self.encode_chunk:
-            index = item.next
-            item.next += 1
-            if item.keys is not None and item.keys[index] in self.cache:
-                cached = self.cache.get(item.keys[index]) if item.keep else True
-                if cached is not None:  # (evicted in between: encode it after all)
-                    if item.keep:
-                        item.out[index] = cached
-                    reused += 1
-                    continue
-            chunk.append(index)
-        if chunk:
-            embedded = self.model.embed([item.images[i]() for i in chunk])
-            for index, embedding in zip(chunk, embedded, strict=True):
-                if item.keep:
-                    item.out[index] = embedding
-                if item.keys is not None:
-                    self.cache.put(item.keys[index], embedding)
-        with self._condition:
-            self._stats.encode_calls += bool(chunk)
-            self._stats.encoded_slices += len(chunk)
-            self._stats.cache_reused_slices += reused
-        if item.on_progress is not None:
-            item.on_progress(item.next - start)
-        if item.next < len(item.images):
-            with self._condition:  # back in line at its old place: FIFO within a priority
-                heapq.heappush(self._queue, (priority, order, item))
-        else:
-            item.future.set_result(item.out)
+        with self._condition:  # back in line at its old place: FIFO within a priority
+            heapq.heappush(self._queue, (priority, order, item))
 
 
 def _joined(group: list[_Decode], name: str) -> Optional[np.ndarray]:
@@ -267,23 +233,18 @@ def _joined(group: list[_Decode], name: str) -> Optional[np.ndarray]:
 
 
 class WorkerModel:
-    """The ``PromptableModel`` interface over a :class:`ModelWorker`, for the engine to run on.
+    """The model interface of ``SliceStack`` and ``annotate`` over a :class:`ModelWorker`.
 
-    ``embed`` hands all its slices over at once (the worker chunks them) at
-    ``priority``; ``should_stop`` is checked before each chunk and ``on_progress``
-    told of each finished one.
+    Embedding requests run at ``priority``; ``should_stop`` (a job's cancel) is checked
+    before each chunk, in addition to the caller's own.
     """
 
-    encoder_batch = 1 << 16  # embed_slices passes every miss in one call; the worker does the chunking
-
     def __init__(self, worker: ModelWorker, priority: int = PRIORITY_SEGMENT,
-                 should_stop: Optional[Callable[[], bool]] = None, on_progress: Optional[Callable[[int], None]] = None):
+                 should_stop: Optional[Callable[[], bool]] = None):
         self.worker = worker
         self.name = worker.model.name
-        self.recipe = worker.model.recipe
         self.priority = priority
         self.should_stop = should_stop
-        self.on_progress = on_progress
 
     @property
     def device(self) -> str:
@@ -293,10 +254,19 @@ class WorkerModel:
     def decoder_batch(self) -> int:
         return self.worker.model.decoder_batch
 
-    def embed(self, slices: Sequence[np.ndarray]) -> np.ndarray:
-        """List of (H, W) or (H, W, 3) uint8 view slices -> (N, 256, 64, 64) float32."""
-        images = [(lambda s=s: s) for s in slices]
-        return self.worker.encode(images, None, self.priority, self.should_stop, self.on_progress).result()
+    @property
+    def embedding_shape(self) -> tuple[int, int, int]:
+        return self.worker.model.embedding_shape
+
+    def embed_cached(self, cache: EmbeddingCache, keys: Sequence[SliceKey], view_slice: ViewSlice,
+                     progress: Optional[Callable[[int], None]] = None,
+                     should_stop: Optional[Callable[[], bool]] = None, keep: bool = True) -> EmbedResult:
+        """As ``PromptableModel.embed_cached``, on the worker (whose cache must be ``cache``)."""
+        if cache is not self.worker.cache:
+            raise ValueError("a WorkerModel embeds into its worker's cache")
+        stops = [f for f in (should_stop, self.should_stop) if f is not None]
+        return self.worker.embed(keys, view_slice, self.priority, progress,
+                                 (lambda: any(f() for f in stops)) if stops else None, keep).result()
 
     def decode(self, embeddings: np.ndarray, boxes: np.ndarray, image_shape: tuple[int, int],
                points: Optional[np.ndarray] = None, point_labels: Optional[np.ndarray] = None) -> np.ndarray:

@@ -12,7 +12,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from medsam_server.preprocess import canonical_view, to_uint8
+from medsam_server.geometry import canonical_view
+from medsam_server.intensity import to_uint8
 
 RIGHT_LUNG, LEFT_LUNG = 5, 6
 #: Axial slices (k) with both lungs in view; few, since the encoder costs ~1.3 s a slice here.

@@ -20,7 +20,7 @@ from typing import Optional
 
 import uvicorn
 
-from medsam_server.api import Settings, create_app
+from medsam_server.app import Settings, build_app
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 MODULE_DIR = os.path.join(REPO, "MedSAMSlicer")
@@ -37,8 +37,8 @@ def load_client_module():
 
 @contextlib.contextmanager
 def running_server(settings: Settings, model=None, cache=None) -> Iterator[tuple[str, object]]:
-    """Serve ``create_app(settings, model, cache)`` on 127.0.0.1:<free port>; yields (url, app)."""
-    app = create_app(settings, model=model, cache=cache)
+    """Serve ``build_app(settings, model, cache)`` on 127.0.0.1:<free port>; yields (url, app)."""
+    app = build_app(settings, model=model, cache=cache)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))

@@ -11,9 +11,11 @@ import pytest
 import SimpleITK as sitk
 
 from engine_data import LEFT_LUNG, RIGHT_LUNG, ct_volume, dice, slicerio_data
-from medsam_server.annotate import AnnotateOptions, annotate, interpolate_boxes, slice_index
+from medsam_server.annotate import annotate, interpolate_boxes
 from medsam_server.errors import Cancelled
+from medsam_server.geometry import slice_index
 from medsam_server.prompts import parse_prompts
+from medsam_server.requests import AnnotateOptions
 from medsam_server.simulate import simulated_prompts
 
 LUNGS = (("right lung", RIGHT_LUNG), ("left lung", LEFT_LUNG))
@@ -92,7 +94,8 @@ def _crop(image: sitk.Image, first: int, last: int) -> sitk.Image:
 
 
 def test_a_reoriented_copy_gives_the_same_voxels_in_physical_space(litemedsam, shared_cache, tmp_path):
-    from medsam_server.volumes import read_image, segment_colour, write_labels
+    from medsam_server.io.images import read_image
+    from medsam_server.io.labels import segment_colour, write_labels
 
     original = _crop(sitk.ReadImage(slicerio_data("CTChest4.nrrd")), 14, 19)
     original.SetSpacing((2.5, 3.0, 10.0))  # anisotropic in-plane too

@@ -14,7 +14,8 @@ import slicerio
 
 from engine_data import LEFT_LUNG, RIGHT_LUNG, dice, slicerio_data
 from medsam_server import cli
-from medsam_server.volumes import read_image, read_labels
+from medsam_server.io.images import read_image
+from medsam_server.io.labels import read_labels
 
 DATA = Path(__file__).parent / "data"
 

@@ -16,7 +16,8 @@ from scipy import ndimage
 
 from medsam_server.cli import main
 from medsam_server.errors import InputError
-from medsam_server.metrics import case_scores, dice, median_iqr, read_label_file, surface_dice, wilcoxon_test
+from medsam_server.io.labels import read_label_file
+from medsam_server.metrics import case_scores, dice, median_iqr, surface_dice, wilcoxon_test
 
 DATA = os.path.join(os.path.dirname(slicerio.__file__), "data")
 CT_SEG = os.path.join(DATA, "Segmentation.seg.nrrd")
@@ -220,7 +221,7 @@ def test_slicer_segmentation_reads_names_and_label_values():
     assert seg.names[RIGHT_LUNG] == "right lung" and seg.size == (128, 128, 34)
     labels, image = ct_reference()
     assert np.array_equal(seg.mask(LEFT_LUNG), labels == LEFT_LUNG)
-    assert np.allclose(seg.spacing, image.GetSpacing()) and np.allclose(seg.direction, image.GetDirection())
+    assert np.allclose(seg.spacing, image.GetSpacing()) and np.allclose(np.ravel(seg.direction), image.GetDirection())
     assert np.allclose(seg.origin, image.GetOrigin())
 
 

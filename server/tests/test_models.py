@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from skimage import data as skdata
 
 from engine_data import CT_SLICES, ct_lung_slices, dice, save_random_vit_b
-from medsam_server.embeddings import EmbeddingCache, SliceKey, embed_slices
+from medsam_server.embeddings import EmbeddingCache, SliceKey, embed
 from medsam_server.errors import InputError
-from medsam_server.models import EMBEDDING_SHAPE, load_model
+from medsam_server.models import load_model
 
+EMBEDDING_SHAPE = (256, 64, 64)  # both families (models.base.Recipe.embedding_shape)
 EMBEDDING_BYTES = int(np.prod(EMBEDDING_SHAPE)) * 4
 
 
@@ -157,19 +158,19 @@ def test_cached_slices_call_no_encoder_and_come_back_identical(lite, ct, ct_embe
 
     cache = EmbeddingCache()
     keys = [SliceKey("ctchest4", 2, k, "litemedsam", "ct-lung/T0R1C1") for k in CT_SLICES]
-    first, hits = embed_slices(lite, cache, keys, view_slice)
+    first, hits = embed(lite, cache, keys, view_slice)
     assert (sum(encoded), hits, viewed) == (3, 0, [0, 1, 2])
     np.testing.assert_allclose(first, ct_embeddings, atol=1e-5)  # the same slices as the fixture
 
     encoded.clear()
     viewed.clear()
-    second, hits = embed_slices(lite, cache, keys, view_slice)
+    second, hits = embed(lite, cache, keys, view_slice)
     assert (sum(encoded), hits, viewed) == (0, 3, [])
     assert np.array_equal(first, second)
 
     # A request mixing a cached slice and a new one encodes only the new one.
     mixed = [keys[1], SliceKey("ctchest4", 2, 99, "litemedsam", "ct-lung/T0R1C1")]
-    third, hits = embed_slices(lite, cache, mixed, view_slice)
+    third, hits = embed(lite, cache, mixed, view_slice)
     assert (sum(encoded), hits, viewed) == (1, 1, [1])
     assert np.array_equal(third[0], first[1])
     stats = cache.stats()

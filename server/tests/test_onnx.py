@@ -19,7 +19,8 @@ from medsam_server.errors import InputError
 from medsam_server.models import load_model
 from medsam_server.models import onnx_backend as ob
 from medsam_server.models.base import PromptedMaskDecoder
-from medsam_server.preprocess import LITEMEDSAM_RECIPE, MEDSAM_RECIPE
+from medsam_server.models.litemedsam import RECIPE as LITEMEDSAM_RECIPE
+from medsam_server.models.medsam_vit_b import RECIPE as MEDSAM_RECIPE
 
 SHAPE = (128, 128)
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from medsam_server.errors import InputError
-from medsam_server.prompts import LINE_MARGIN_FRACTION, line_box, parse_prompts, slice_shape
+from medsam_server.geometry import slice_shape
+from medsam_server.prompts import LINE_MARGIN_FRACTION, line_box, parse_prompts
 
 SIZE = (128, 100, 34)  # (i, j, k): axial slices are 100 rows x 128 columns
 
@@ -70,7 +71,7 @@ def test_a_partly_outside_box_is_clipped_and_noted():
     (doc(boxes=[{"slice": 2, "box": [1, 1, 4, 4]}, {"slice": 2, "box": [1, 1, 5, 5]}]), "two boxes on one slice"),
     (doc(boxes=[{"slice": 2, "box": [1, 1, 4, 4]}], lines=[{"slice": 2, "points": [[1, 1], [3, 3]]}]),
      "both a box and lines"),
-    (doc(lines=[{"slice": 2, "points": [[1, 1], [300, 3]]}]), "leaves the 128x100 slice"),
+    (doc(lines=[{"slice": 2, "points": [[1, 1], [300, 3]]}]), "lies outside the 128x100 slice"),
     (doc(lines=[{"slice": 2, "points": [[1, 1]]}]), "a line is two points"),
     (doc(), "needs at least one box or line"),
     (doc(boxes=[{"slice": 1, "box": [1, 1, 4, 4]}], locked_slices=[99]), "locked slice 99 is out of range"),

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -24,12 +27,14 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from engine_data import LEFT_LUNG, RIGHT_LUNG, bounding_box, ct_volume, dice
-from medsam_server import cli, wire
-from medsam_server.annotate import SliceStack, annotate
-from medsam_server.api import Settings
+from medsam_server import cli, protocol, wire
+from medsam_server.annotate import annotate
+from medsam_server.app import Settings
 from medsam_server.embeddings import EmbeddingCache, volume_digest
+from medsam_server.errors import InputError
 from medsam_server.models import load_model
 from medsam_server.prompts import parse_prompts
+from medsam_server.stack import SliceStack
 from medsam_server.worker import ModelWorker
 from server_harness import free_port, load_client_module, running_server, serve_subprocess
 
@@ -68,7 +73,7 @@ def model():
 def served(model):
     cache = EmbeddingCache()
     settings_ = Settings(tokens=(ALICE, BOB), max_upload_mb=2, max_sessions=64,
-                         limits=wire.Limits(max_decompressed_bytes=64 * wire.MiB))
+                         limits=protocol.Limits(max_decompressed_bytes=64 * protocol.MiB))
     with running_server(settings_, model, cache) as (url, app):
         yield Served(url, cache, app.state.medsam)
 
@@ -307,6 +312,7 @@ def test_the_worker_batches_decodes_that_wait_together(model, served, probe):
     embeddings = np.stack([served.cache.get(key)] * 4)
     worker = ModelWorker(model, EmbeddingCache())
     worker.start()
+    blocked_key = key._replace(index=999)  # not cached: the worker must call blocker() to encode it
     entered, release = threading.Event(), threading.Event()
 
     def blocker():  # the worker's current step, holding it until the four decodes have queued up
@@ -315,7 +321,7 @@ def test_the_worker_batches_decodes_that_wait_together(model, served, probe):
         raise RuntimeError("a stand-in for a long encoder step")
 
     try:
-        busy = worker.encode([blocker])
+        busy = worker.embed([blocked_key], lambda n: blocker())
         assert entered.wait(timeout=60)
         boxes = np.array([[10, 10, 60, 60], [20, 30, 90, 100], [5, 5, 120, 120], [40, 40, 80, 90]], float)
         futures = [worker.decode(embeddings[n:n + 1], boxes[n:n + 1], (128, 128)) for n in range(4)]
@@ -340,7 +346,7 @@ def _upload_body(array: np.ndarray, **meta) -> bytes:
 
 def _raw_envelope(header: dict, payload: bytes) -> bytes:
     text = json.dumps(header).encode()
-    return wire.MAGIC + len(text).to_bytes(4, "big") + text + payload
+    return protocol.MAGIC + len(text).to_bytes(4, "big") + text + payload
 
 
 def _bomb() -> bytes:
@@ -352,8 +358,8 @@ def _bomb() -> bytes:
 def _bad_requests(session):
     ct = np.zeros((2, 16, 16), np.int16)
     good = _upload_body(ct)
-    key = {wire.SESSION_KEY_HEADER: session.key}
-    envelope = {"Content-Type": wire.ENVELOPE_TYPE}
+    key = {protocol.SESSION_KEY_HEADER: session.key}
+    envelope = {"Content-Type": protocol.ENVELOPE_TYPE}
     segment = f"/sessions/{session.id}/segment"
     box = {"slice": 0, "box": [10, 10, 60, 60]}
     return [
@@ -372,7 +378,7 @@ def _bad_requests(session):
          "NaN"),
         ("singular direction", "POST", "/sessions", _upload_body(ct, direction=[0] * 9), envelope, 400, "singular"),
         ("JSON instead of an envelope", "POST", "/sessions", b"{}", {"Content-Type": "application/json"}, 415,
-         wire.ENVELOPE_TYPE),
+         protocol.ENVELOPE_TYPE),
         ("out-of-range slice", "POST", segment, json.dumps({"boxes": [{"slice": 7, "box": [1, 1, 9, 9]}]}), key,
          422, "slice 7 is out of range 0..0"),
         ("reversed box", "POST", segment, json.dumps({"boxes": [{"slice": 0, "box": [60, 60, 10, 10]}]}), key,
@@ -402,10 +408,10 @@ def _bad_requests(session):
         ("unknown session", "POST", "/sessions/nonexistent/segment", json.dumps({"boxes": [box]}), key, 404,
          "unknown session"),
         ("no session key", "POST", segment, json.dumps({"boxes": [box]}), {}, 404, "unknown session"),
-        ("wrong session key", "POST", segment, json.dumps({"boxes": [box]}), {wire.SESSION_KEY_HEADER: "guess"},
+        ("wrong session key", "POST", segment, json.dumps({"boxes": [box]}), {protocol.SESSION_KEY_HEADER: "guess"},
          404, "unknown session"),
         ("unknown job", "GET", f"/sessions/{session.id}/jobs/nope", b"", key, 404, "unknown job"),
-        ("other API version", "GET", "/info", b"", {wire.API_VERSION_HEADER: "2"}, 409, "speaks MedSAM API 1"),
+        ("other API version", "GET", "/info", b"", {protocol.API_VERSION_HEADER: "2"}, 409, "speaks MedSAM API 1"),
         ("declared body too long", "POST", "/sessions", b"", {**envelope, "Content-Length": str(3 << 20)}, 413,
          "at most"),
     ]
@@ -453,7 +459,7 @@ def test_an_oversized_upload_is_refused_before_and_by_the_server(served, probe):
 
     with httpx.Client(base_url=served.url, headers={"Authorization": f"Bearer {ALICE}"}, timeout=120) as http:
         for content in (body, chunks()):  # with a Content-Length (refused unread), then chunked (refused at 2 MiB)
-            answer = http.post("/sessions", content=content, headers={"Content-Type": wire.ENVELOPE_TYPE})
+            answer = http.post("/sessions", content=content, headers={"Content-Type": protocol.ENVELOPE_TYPE})
             assert answer.status_code == 413 and "max-upload-mb" in answer.json()["error"]
     still_serving()
 
@@ -549,7 +555,7 @@ _printable = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_siz
     # Mostly valid credentials, so that most bodies get past the door to the parsers behind it.
     auth=st.sampled_from([f"Bearer {ALICE}"] * 6 + [f"Bearer {BOB}", "Bearer wrong", "", "Basic eA=="]),
     key=st.one_of(st.just("valid"), st.just("valid"), st.none(), _printable),
-    content_type=st.one_of(st.sampled_from([wire.ENVELOPE_TYPE, "application/json"]), st.none(), _printable),
+    content_type=st.one_of(st.sampled_from([protocol.ENVELOPE_TYPE, "application/json"]), st.none(), _printable),
     api=st.one_of(st.none(), st.just("1"), _printable), sid=st.one_of(st.just("valid"), st.just("valid"), _printable),
     text=_printable)
 def test_random_requests_at_every_route_never_get_a_5xx(served, probe, route, body, auth, key, content_type, api,
@@ -560,11 +566,11 @@ def test_random_requests_at_every_route_never_get_a_5xx(served, probe, route, bo
                        jid=_probe_job(served, session), text=text.replace("/", "_").replace("?", "_"))
     headers = {"Authorization": auth}
     if key is not None:
-        headers[wire.SESSION_KEY_HEADER] = session.key if key == "valid" else key
+        headers[protocol.SESSION_KEY_HEADER] = session.key if key == "valid" else key
     if content_type is not None:
         headers["Content-Type"] = content_type
     if api is not None:
-        headers[wire.API_VERSION_HEADER] = api
+        headers[protocol.API_VERSION_HEADER] = api
     try:
         answer = httpx.request(method, served.url + path, content=body if method != "GET" else None,
                                headers=headers, timeout=300)
@@ -660,6 +666,44 @@ def test_killing_the_server_during_annotate_gives_a_clear_error_and_no_result(tm
         process.stdout.close()
 
 
+def test_serve_exits_by_itself_once_the_watched_process_is_gone():
+    """``--watch-pid``: a real child process stands in for Slicer; killed and left unreaped (a zombie, as a
+    crashed parent may stay), the server notices and shuts down cleanly within a few seconds."""
+    watched = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    port = free_port()
+    process = serve_subprocess(port, "--watch-pid", str(watched.pid), env={"OMP_NUM_THREADS": "1",
+                                                                          "MEDSAM_TOKEN": ""})
+    try:
+        client = MedSAMClient(f"http://127.0.0.1:{port}", timeout=30)
+        for _ in range(600):  # the model loads before the port opens
+            try:
+                client.check_compatible()
+                break
+            except client_module.ServerNotRunning:
+                assert process.poll() is None, process.stdout.read().decode()
+                time.sleep(0.5)
+        time.sleep(1.5)
+        assert process.poll() is None  # alive while the watched process is
+        os.kill(watched.pid, signal.SIGKILL)  # not reaped yet: a zombie until watched.wait() below
+        killed = time.monotonic()
+        code = process.wait(timeout=30)
+        assert time.monotonic() - killed < 5.0
+        output = process.stdout.read().decode()
+        assert code == 0 and f"process {watched.pid} has ended; shutting down" in output
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+        process.stdout.close()
+        watched.kill()
+        watched.wait(timeout=30)
+
+
+def test_serve_refuses_to_watch_a_process_that_does_not_exist(capsys):
+    assert cli.main(["serve", "--watch-pid", str(2**22 + 12345)]) == 2
+    assert "--watch-pid 4206649: no such process" in capsys.readouterr().err
+
+
 def test_a_non_loopback_bind_without_a_token_is_refused(monkeypatch, capsys, tmp_path):
     monkeypatch.delenv("MEDSAM_TOKEN", raising=False)
     assert cli.main(["serve", "--host", "0.0.0.0"]) == 2
@@ -679,5 +723,5 @@ def test_a_non_loopback_bind_without_a_token_is_refused(monkeypatch, capsys, tmp
     assert read_tokens(str(token_file)) == (ALICE, BOB)
     Settings(host="0.0.0.0", tokens=read_tokens(str(token_file))).validate()  # with tokens it may bind anywhere
     Settings(host="::1").validate()
-    with pytest.raises(Exception, match="refusing"):
+    with pytest.raises(InputError, match="refusing to listen on myhost.example without a token"):
         Settings(host="myhost.example").validate()

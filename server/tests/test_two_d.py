@@ -19,9 +19,11 @@ from scipy import ndimage as ndi
 from skimage import data, draw, filters, measure
 
 from medsam_server.errors import InputError
+from medsam_server.geometry import check_box
+from medsam_server.intensity import MR_PERCENTILES, to_uint8
+from medsam_server.io.images import read_image
 from medsam_server.models import load_model
-from medsam_server.preprocess import LITEMEDSAM_RECIPE, MR_PERCENTILES, check_box, to_uint8
-from medsam_server.volumes import read_image
+from medsam_server.models.litemedsam import RECIPE as LITEMEDSAM_RECIPE
 
 DATA = Path(__file__).parent / "data"
 MIN_COIN_AREA = 200  # Otsu leaves specks of a few pixels; a coin covers at least ~1000

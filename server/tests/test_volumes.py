@@ -11,9 +11,10 @@ import slicerio
 from PIL import Image
 from skimage import data
 
-from medsam_server import volumes
 from medsam_server.errors import InputError
-from medsam_server.volumes import Volume, read_image, read_labels, segment_colour, write_labels
+from medsam_server.io import labels as label_io
+from medsam_server.io.images import Volume, read_image
+from medsam_server.io.labels import read_labels, segment_colour, write_labels
 
 DATA = os.path.join(os.path.dirname(slicerio.__file__), "data")
 CT_PATH = os.path.join(DATA, "CTChest4.nrrd")
@@ -188,16 +189,36 @@ def test_cropped_slicer_segmentation_is_padded_into_the_image_grid(tmp_path, ct,
     assert set(np.unique(back)) == {0, 6}
 
 
-def test_overlapping_layers_get_distinct_labels(ct):
+def test_overlapping_segments_sharing_a_label_value_are_refused_naming_both(ct):
+    """One .seg.nrrd behaviour for every command (io/segnrrd.py): a segment's label is its labelValue, so two
+    segments in different layers with one value are refused rather than renumbered or flattened."""
     path = os.path.join(DATA, "SegmentationOverlapping.seg.nrrd")
-    labels, names = read_labels(path, ct)
-    seg = slicerio.read_segmentation(path)
-    assert len(names) == len(seg["segments"]) == 8
-    assert len(set(names)) == 8  # layer 1's label 1 no longer collides with layer 0's ribs
-    label_of = {name: label for label, name in names.items()}
-    # Later segments win where layers overlap: the last one is complete.
-    sphere = slicerio.segment_mask(seg, "overlapping sphere").transpose(2, 1, 0)
-    np.testing.assert_array_equal(labels == label_of["overlapping sphere"], sphere)
+    with pytest.raises(InputError, match="segments 'ribs' and 'overlapping sphere' share label value 1"):
+        read_labels(path, ct)
+
+
+def test_a_layered_segmentation_with_distinct_values_keeps_each_segment_exactly(tmp_path, ct, ct_labels):
+    """Layers whose label values differ are read segment by segment; flattened, the later segment wins."""
+    from medsam_server.io.labels import read_label_file
+
+    labels, names = ct_labels
+    seg = slicerio.read_segmentation(os.path.join(DATA, "Segmentation.seg.nrrd"))
+    right, left = (labels == 5).transpose(2, 1, 0), (labels == 6).transpose(2, 1, 0)
+    grown = np.logical_or(left, np.roll(right, 3, axis=0))  # overlaps the right lung
+    seg["voxels"] = np.stack([np.where(right, 5, 0), np.where(grown, 6, 0)]).astype(np.uint8)
+    seg["ijkToLPS"], seg["referenceImageExtentOffset"] = ct.ijk_to_lps(), [0, 0, 0]
+    seg["segments"] = [dict(s, layer=0 if s["labelValue"] == 5 else 1) for s in seg["segments"]
+                       if s["labelValue"] in (5, 6)]
+    path = tmp_path / "layers.seg.nrrd"
+    slicerio.write_segmentation(str(path), seg)
+    read = read_label_file(path)
+    assert len(read.layers) == 2 and set(read.labels) == {5, 6}
+    np.testing.assert_array_equal(read.mask(5), labels == 5)
+    np.testing.assert_array_equal(read.mask(6), grown.transpose(2, 1, 0))
+    flat, flat_names = read_labels(path, ct)
+    assert flat_names == {5: "right lung", 6: "left lung"}
+    np.testing.assert_array_equal(flat == 6, grown.transpose(2, 1, 0))
+    np.testing.assert_array_equal(flat == 5, (labels == 5) & ~grown.transpose(2, 1, 0))
 
 
 def test_label_geometry_mismatch_names_the_field(tmp_path, ct, ct_labels):
@@ -471,7 +492,7 @@ def test_failed_write_leaves_no_partial_file(tmp_path, ct, ct_labels, monkeypatc
         tmp.write_bytes(b"NRRD0004\n half a header")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(volumes, "_write_labelmap", half_then_full)
+    monkeypatch.setattr(label_io, "_write_labelmap", half_then_full)
     with pytest.raises(InputError, match="cannot write .*old.nrrd: No space left on device"):
         write_labels(tmp_path / "old.nrrd", labels, ct, _segments(names))
     assert _listing(tmp_path) == ["old.nrrd"]

@@ -15,13 +15,12 @@ import sys
 from ..metrics import DEFAULT_TOLERANCE_MM
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "evaluate", help="DSC and NSD of segmentations against references",
-        description="Score predictions against references: Dice (DSC) and normalized surface Dice (NSD) at a "
-                    "tolerance, per case and label, with per-target median (Q1, Q3). PRED and REF are two files or "
-                    "two folders (paired by file name) of NIfTI, NRRD, MHA or Slicer .seg.nrrd; labels are voxel "
-                    "values, or a .seg.nrrd segment's label value. Results as JSON on stdout.")
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Score predictions against references: Dice (DSC) and normalized surface Dice (NSD) at a tolerance, per "
+        "case and label, with per-target median (Q1, Q3). PRED and REF are two files or two folders (paired by "
+        "file name) of NIfTI, NRRD, MHA or Slicer .seg.nrrd; labels are voxel values, or a .seg.nrrd segment's "
+        "label value. Results as JSON on stdout.")
     parser.add_argument("--pred", required=True, metavar="P", help="prediction file or folder")
     parser.add_argument("--ref", required=True, metavar="R", help="reference file or folder")
     parser.add_argument("--tolerance-mm", type=float, default=DEFAULT_TOLERANCE_MM, metavar="MM",
@@ -44,7 +43,7 @@ def _method_names(pred: str, compare: str | None) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..metrics import compare_methods, evaluate_files, summarize_targets
+    from ..evaluate import compare_methods, evaluate_files, summarize_targets
 
     collected: list[str] = []
 
@@ -76,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _write_outputs(out: str, rows: list[dict], targets: list[dict], tests: list[dict], methods: list[str],
                    tolerance_mm: float) -> list[str]:
-    from ..metrics import box_plot
+    from ..plots import box_plot
 
     paths = [os.path.join(out, "cases.csv"), os.path.join(out, "targets.csv")]
     _write_csv(paths[0], ["method", "case", "label", "target", "dsc", "nsd"], rows)

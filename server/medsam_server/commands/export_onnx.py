@@ -12,11 +12,9 @@ import json
 from ..models import MODEL_NAMES
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "export-onnx", help="write a model's ONNX graphs (encoder.onnx, decoder.onnx, manifest.json)",
-        description="Export the image encoder and the prompt+mask decoder of a model to ONNX (opset 17, "
-                    "dynamic batch and prompt count). Prints the written paths as JSON on stdout.")
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Export the image encoder and the prompt+mask decoder of a model to ONNX (opset 17, "
+                          "dynamic batch and prompt count). Prints the written paths as JSON on stdout.")
     parser.add_argument("--model", choices=MODEL_NAMES, required=True, help="which model to export")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder to write into (created if missing)")
     parser.add_argument("--checkpoint", metavar="PATH",

@@ -1,9 +1,13 @@
-"""``medsam serve``: the inference server (FastAPI app of ``api.create_app`` under uvicorn).
+"""``medsam serve``: the inference server (the app of ``app.build_app`` under uvicorn).
 
 Binds 127.0.0.1 by default; any other address needs a token. Tokens come from
 ``--token-file`` (one token per line, e.g. one per user: each token owns its
 sessions; blank lines and ``#`` comments are skipped) or the ``MEDSAM_TOKEN``
 environment variable, never from the command line, where other users could read it.
+
+``--watch-pid PID`` ties the server's life to another process (the Slicer module passes
+Slicer's own pid): once that process is gone, or a zombie, the server shuts down cleanly
+within about a second.
 """
 
 from __future__ import annotations
@@ -12,20 +16,23 @@ import argparse
 import os
 import stat
 import sys
+import threading
+from collections.abc import Callable
 
 from ..errors import InputError
 from ..models import BACKENDS, DEFAULT_MODEL, DEVICES, MODEL_NAMES
+from ..protocol import DEFAULT_HOST, DEFAULT_PORT
+
+WATCH_PERIOD_SECONDS = 0.5
 
 TOKEN_ENV = "MEDSAM_TOKEN"
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "serve", help="run the inference server that the Slicer module talks to",
-        description="Serve a model over HTTP: upload a volume once, then boxes -> masks in milliseconds on cached "
-                    "slices. Binds 127.0.0.1 unless told otherwise; another address needs a token.")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8765, help="TCP port (default 8765)")
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Serve a model over HTTP: upload a volume once, then boxes -> masks in milliseconds on "
+                          "cached slices. Binds 127.0.0.1 unless told otherwise; another address needs a token.")
+    parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default %(default)s)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (default %(default)s)")
     parser.add_argument("--model", choices=MODEL_NAMES, default=DEFAULT_MODEL, help="model (default %(default)s)")
     parser.add_argument("--checkpoint", metavar="PATH", help="weights file (default: bundled or downloaded)")
     parser.add_argument("--backend", choices=BACKENDS, default="torch", help="runtime (default torch)")
@@ -39,6 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--idle-minutes", type=float, default=60.0,
                         help="a session unused this long is dropped (default 60)")
     parser.add_argument("--max-sessions", type=int, default=16, help="sessions held at once (default 16)")
+    parser.add_argument("--watch-pid", type=int, metavar="PID",
+                        help="exit by itself once process PID has ended (e.g. the Slicer that started it)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     parser.set_defaults(func=run)
 
@@ -62,10 +71,62 @@ def read_tokens(token_file: str | None) -> tuple[str, ...]:
     return (token,) if token else ()
 
 
+def process_alive(pid: int) -> bool:
+    """Is process ``pid`` running (a zombie or a dead one is not)?"""
+    if os.name == "nt":
+        return _windows_process_alive(pid)
+    stat_file = f"/proc/{pid}/stat"
+    if os.path.isdir("/proc/self"):
+        try:
+            with open(stat_file, encoding="ascii", errors="replace") as handle:
+                state = handle.read().rsplit(")", 1)[1].split()[0]  # the field after "(command name)"
+        except (OSError, IndexError):
+            return False
+        return state not in ("Z", "X")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, and belongs to someone else
+    return True
+
+
+def _windows_process_alive(pid: int) -> bool:
+    import ctypes
+
+    still_active, query_limited_information = 259, 0x1000
+    kernel32 = ctypes.windll.kernel32
+    handle = kernel32.OpenProcess(query_limited_information, False, pid)
+    if not handle:
+        return False
+    try:
+        code = ctypes.c_ulong()
+        return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == still_active
+    finally:
+        kernel32.CloseHandle(handle)
+
+
+def watch_process(pid: int, on_gone: Callable[[], None], period: float = WATCH_PERIOD_SECONDS) -> threading.Thread:
+    """Call ``on_gone()`` once, from a daemon thread, when process ``pid`` has ended."""
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(period):
+            if not process_alive(pid):
+                print(f"medsam serve: process {pid} has ended; shutting down", file=sys.stderr)
+                on_gone()
+                return
+
+    thread = threading.Thread(target=watch, name=f"medsam-watch-{pid}", daemon=True)
+    thread.start()
+    return thread
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ..api import Settings, create_app
+    from ..app import Settings, build_app
     from ..models import load_model
 
     settings = Settings(host=args.host, port=args.port, model=args.model, checkpoint=args.checkpoint,
@@ -73,11 +134,16 @@ def run(args: argparse.Namespace) -> int:
                         cache_gb=args.cache_gb, cache_fp16=args.cache_fp16, max_upload_mb=args.max_upload_mb,
                         session_idle_seconds=args.idle_minutes * 60.0, max_sessions=args.max_sessions)
     settings.validate()  # refuse an exposed bind before spending time on the model
+    if args.watch_pid is not None and not process_alive(args.watch_pid):
+        raise InputError(f"--watch-pid {args.watch_pid}: no such process")
     # Load here, not at app start-up, so that a bad checkpoint or device is a one-line error (exit 2).
     model = load_model(settings.model, settings.checkpoint, settings.device, settings.backend)
-    app = create_app(settings, model=model)
+    app = build_app(settings, model=model)
     auth = f"{len(settings.tokens)} token(s)" if settings.tokens else "no token (loopback only)"
     print(f"medsam serve: {model.name} on {model.device}, http://{args.host}:{args.port}, {auth}", file=sys.stderr)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, server_header=False,
-                proxy_headers=False, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
+                                           server_header=False, proxy_headers=False, timeout_graceful_shutdown=5))
+    if args.watch_pid is not None:
+        watch_process(args.watch_pid, lambda: setattr(server, "should_exit", True))
+    server.run()
     return 0

@@ -9,24 +9,15 @@ import sys
 import time
 from pathlib import Path
 
-from ..annotate import AnnotateOptions, annotate
-from ..embeddings import EmbeddingCache
 from ..errors import InputError
-from ..metrics import case_scores
-from ..models import load_model
-from ..preprocess import DEFAULT_ORIENTATION, ORIENTATIONS, WINDOW_NAMES
-from ..prompts import parse_prompts
-from ..simulate import simulated_prompts, target_labels
-from ..volumes import read_image, read_labels, segment_colour, write_labels
-from .annotate import add_model_arguments, parse_window_argument
+from ..intensity import WINDOW_NAMES, window_from_text
+from ..requests import add_option_arguments, options_from_arguments
+from .annotate import add_model_arguments, progress_bar
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "simulate", help="a simulated annotator: keyframes every K slices from a reference, then DSC/NSD",
-        description="Mark every K-th slice of each reference target (first and last included) with its bounding box "
-                    "(or RECIST lines), run the annotate workflow, and score it against the reference.",
-    )
+def register(p: argparse.ArgumentParser) -> None:
+    p.description = ("Mark every K-th slice of each reference target (first and last included) with its bounding "
+                     "box (or RECIST lines), run the annotate workflow, and score it against the reference.")
     p.add_argument("--image", type=Path, required=True)
     p.add_argument("--ref", type=Path, required=True, help="reference labelmap or .seg.nrrd on the image's grid")
     p.add_argument("--every", type=int, nargs="+", required=True, metavar="K", help="keyframe spacing(s) in slices")
@@ -36,9 +27,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--axis", type=int, choices=(0, 1, 2), default=2)
     p.add_argument("--window", default="auto", help=f"{', '.join(WINDOW_NAMES)} or LOW,HIGH")
-    p.add_argument("--propagate", type=int, default=0, metavar="N")
-    p.add_argument("--interpolation", choices=("pchip", "linear"), default="pchip")
-    p.add_argument("--orientation", choices=ORIENTATIONS, default=DEFAULT_ORIENTATION)
+    add_option_arguments(p, ("propagate", "interpolation", "orientation"))
     p.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance (default 2 mm)")
     p.add_argument("--output", type=Path, help="write the segmentation of the (first) K here")
     p.add_argument("--out", type=Path, help="folder for simulate.json, simulate.csv and dice_vs_k.png")
@@ -49,25 +38,31 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from ..annotate import annotate
+    from ..embeddings import EmbeddingCache
+    from ..io.images import read_image
+    from ..io.labels import read_labels, segment_colour, write_labels
+    from ..metrics import case_scores
+    from ..models import load_model
+    from ..prompts import parse_prompts
+    from ..simulate import simulated_prompts, target_labels
+
     volume = read_image(args.image)
     reference, names = read_labels(args.ref, volume)
     targets = target_labels(names, args.labels)
-    window = parse_window_argument(args.window)
+    window = window_from_text(args.window)
     model = load_model(args.model, args.checkpoint, args.device, args.backend)
     cache = EmbeddingCache()  # shared by every K: each slice is encoded once
-    options = AnnotateOptions(propagate=args.propagate, interpolation=args.interpolation, orientation=args.orientation)
+    options = options_from_arguments(args)
     rows = []
     for every in args.every:
         document = simulated_prompts(reference, targets, every, args.axis, window, args.jitter_px, args.markers,
                                      args.seed)
         prompts = parse_prompts(document, volume.size)
         with tqdm(total=1, desc=f"K={every}", unit="slice", file=sys.stderr) as bar:
-            def progress(phase: str, done: int, total: int) -> None:
-                bar.total, bar.n = total, done
-                bar.refresh()
-
             started = time.perf_counter()
-            result = annotate(volume.array, volume.direction, prompts, model, cache, options, progress=progress)
+            result = annotate(volume.array, volume.direction, prompts, model, cache, options,
+                              progress=progress_bar(bar))
             seconds = time.perf_counter() - started
         if args.output and every == args.every[0]:
             write_labels(args.output, result.labels, volume,
@@ -92,28 +87,14 @@ def _print_table(rows: list[dict]) -> None:
 
 
 def _write_reports(folder: Path, rows: list[dict]) -> None:
-    import matplotlib
+    from ..plots import dice_vs_spacing
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    if not rows:
+        raise InputError("nothing was scored")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "simulate.json").write_text(json.dumps(rows, indent=2) + "\n")
     with open(folder / "simulate.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
-    for target in dict.fromkeys(r["target"] for r in rows):
-        mine = [r for r in rows if r["target"] == target]
-        ax.plot([r["every"] for r in mine], [r["dsc"] for r in mine], marker="o", label=target)
-    ax.set_xlabel("keyframe every K slices")
-    ax.set_ylabel("3D Dice")
-    ax.set_title("Simulated annotator: Dice vs keyframe spacing")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(folder / "dice_vs_k.png")
-    plt.close(fig)
-    if not rows:
-        raise InputError("nothing was scored")
+    dice_vs_spacing(rows, str(folder / "dice_vs_k.png"))

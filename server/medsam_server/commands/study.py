@@ -7,9 +7,8 @@ import os
 import sys
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("study", help="timing-study reports (the paper's Table 15)",
-                                   description="Timing-study reports from the JSON-lines records of the Slicer module.")
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.description = "Timing-study reports from the JSON-lines records of the Slicer module."
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     summarize = actions.add_parser(
         "summarize", help="per case and annotator: manual vs assisted time, as CSV, Markdown and a PNG",

@@ -1,12 +1,18 @@
-"""Model registry: a name on the command line or in a request -> a loaded PromptableModel."""
+"""Model registry: a name on the command line or in a request -> a loaded PromptableModel.
+
+Torch-free at import (the command line lists these names without loading torch); the
+model families, their recipes and the runtimes load only when a model is built.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from ..errors import InputError
-from .base import EMBEDDING_SHAPE, PromptableModel, TorchRuntime
+
+if TYPE_CHECKING:
+    from .base import PromptableModel
 
 MODEL_NAMES = ("litemedsam", "medsam-vit-b")
 DEFAULT_MODEL = "litemedsam"
@@ -14,15 +20,15 @@ BACKENDS = ("torch", "onnx")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
-def _family(name: str):
+def family(name: str):
     """The module of a model family: RECIPE, GPU_ENCODER_BATCH and build_torch_modules(checkpoint)."""
     if name == "litemedsam":
-        from . import litemedsam as family
+        from . import litemedsam as module
     elif name == "medsam-vit-b":
-        from . import medsam_vit_b as family
+        from . import medsam_vit_b as module
     else:
         raise InputError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
-    return family
+    return module
 
 
 def resolve_device(device: str) -> str:
@@ -55,7 +61,9 @@ def load_model(
     ``checkpoint`` None means the model's default weights (bundled for LiteMedSAM,
     downloaded once into the user cache for MedSAM ViT-B).
     """
-    family = _family(name)
+    from .base import PromptableModel, TorchRuntime
+
+    module = family(name)
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     device = resolve_device(device)
@@ -63,15 +71,14 @@ def load_model(
     if backend == "onnx":
         from .onnx_backend import onnx_runtime
 
-        runtime = onnx_runtime(name, checkpoint, device, lambda: family.build_torch_modules(checkpoint))
+        runtime = onnx_runtime(name, checkpoint, device, lambda: module.build_torch_modules(checkpoint))
     else:
-        runtime = TorchRuntime(*family.build_torch_modules(checkpoint), device, autocast_bf16=autocast_bf16)
+        runtime = TorchRuntime(*module.build_torch_modules(checkpoint), device, autocast_bf16=autocast_bf16)
     # bench/engine.py on 2 CPU cores: encoding is fastest one slice at a time and decoding 2-4 boxes a
     # call (83 ms a box, against 96 ms one by one and 123 ms sixteen at a time); a GPU wants big batches.
     if device == "cpu":
-        return PromptableModel(name, family.RECIPE, runtime, encoder_batch=1, decoder_batch=4)
-    return PromptableModel(name, family.RECIPE, runtime, encoder_batch=family.GPU_ENCODER_BATCH, decoder_batch=32)
+        return PromptableModel(name, module.RECIPE, runtime, encoder_batch=1, decoder_batch=4)
+    return PromptableModel(name, module.RECIPE, runtime, encoder_batch=module.GPU_ENCODER_BATCH, decoder_batch=32)
 
 
-__all__ = ["BACKENDS", "DEFAULT_MODEL", "DEVICES", "EMBEDDING_SHAPE", "MODEL_NAMES", "PromptableModel", "load_model",
-           "resolve_device"]
+__all__ = ["BACKENDS", "DEFAULT_MODEL", "DEVICES", "MODEL_NAMES", "family", "load_model", "resolve_device"]

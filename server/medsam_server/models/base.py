@@ -5,22 +5,25 @@ expensive step (image encoder, once per slice), :meth:`PromptableModel.decode` t
 cheap one (prompt encoder + mask decoder, many boxes over many slices in one call).
 
 A *runtime* does the tensor work (torch modules or ONNX Runtime sessions); the
-*recipe* (``preprocess.Recipe``) does the model family's pre- and post-processing.
+*recipe* (:class:`Recipe`, one per family in its own file) does the model family's
+pre- and post-processing.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..embeddings import EmbedResult, Progress, ShouldStop, SliceKey, ViewSlice, embed
 from ..errors import InputError
-from ..preprocess import Recipe, check_box, to_uint8
-
-EMBEDDING_SHAPE = (256, 64, 64)
+from ..geometry import check_box
+from ..intensity import to_uint8
+from ..stack import MASK_THRESHOLD
 
 # Prompt labels as SAM's prompt encoder numbers its learned embeddings.
 LABEL_PAD, LABEL_BACKGROUND, LABEL_FOREGROUND, LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT = -1, 0, 1, 2, 3
@@ -69,6 +72,39 @@ class PromptedMaskDecoder(nn.Module):
         return (hyper.unsqueeze(1) @ upscaled.reshape(b, c, h * w)).reshape(b, 1, h, w)
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """How one model family turns view pixels into model input and logits into probabilities."""
+
+    name: str
+    input_size: int
+    image_to_input: Callable[[np.ndarray], np.ndarray]
+    pixel_scale: Callable[[tuple[int, int]], tuple[float, float]]
+    logits_to_probabilities: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]
+    embedding_shape: tuple[int, int, int] = (256, 64, 64)
+
+    def coords_to_input(self, coords: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        """(x, y) pairs ``(..., 2)`` in view pixels of a ``(rows, cols)`` slice -> model pixels."""
+        return np.asarray(coords, dtype=np.float64) * np.array(self.pixel_scale(shape))
+
+
+def three_channels(image_u8: np.ndarray) -> np.ndarray:
+    """(H, W) or (H, W, 3) -> (H, W, 3)."""
+    if image_u8.ndim == 2:
+        return np.repeat(image_u8[:, :, None], 3, axis=-1)
+    if image_u8.ndim == 3 and image_u8.shape[-1] == 3:
+        return image_u8
+    raise InputError(f"a slice is (H, W) or (H, W, 3); got shape {image_u8.shape}")
+
+
+def min_max(image: np.ndarray, what: str) -> np.ndarray:
+    """Scale to [0, 1] by the image's own min and max (both recipes do)."""
+    lo, hi = float(image.min()), float(image.max())
+    if hi <= lo:
+        raise InputError(f"{what} is constant (min = max = {lo:g}): nothing to segment")
+    return ((image - lo) / (hi - lo)).astype(np.float32)
+
+
 class Runtime(Protocol):
     """Tensor work of one model on one device: torch modules or ONNX Runtime sessions."""
 
@@ -111,7 +147,7 @@ class PromptableModel:
     """A box (and optional points) on a slice in, a mask probability out.
 
     Slices reach :meth:`embed` as view pixels already mapped to [0, 255]
-    (``preprocess.to_uint8``); boxes reach :meth:`decode` in the same view pixels.
+    (``intensity.to_uint8``); boxes reach :meth:`decode` in the same view pixels.
     """
 
     def __init__(self, name: str, recipe: Recipe, runtime: Runtime, encoder_batch: int = 4, decoder_batch: int = 16):
@@ -125,6 +161,15 @@ class PromptableModel:
     def device(self) -> str:
         return self.runtime.device
 
+    @property
+    def embedding_shape(self) -> tuple[int, int, int]:
+        return self.recipe.embedding_shape
+
+    def embed_cached(self, cache, keys: Sequence[SliceKey], view_slice: ViewSlice, progress: Optional[Progress] = None,
+                     should_stop: Optional[ShouldStop] = None, keep: bool = True) -> EmbedResult:
+        """``embeddings.embed`` on this model, here and now (the server's worker runs the same steps queued)."""
+        return embed(self, cache, keys, view_slice, progress, should_stop, keep)
+
     def embed(self, slices: Sequence[np.ndarray]) -> np.ndarray:
         """List of (H, W) or (H, W, 3) uint8 slices -> (N, 256, 64, 64) float32, encoded in batches."""
         inputs = []
@@ -133,7 +178,7 @@ class PromptableModel:
                 inputs.append(self.recipe.image_to_input(np.asarray(image)))
             except InputError as err:
                 raise InputError(f"slice {index} of the batch: {err}") from None
-        out = np.empty((len(inputs), *EMBEDDING_SHAPE), dtype=np.float32)
+        out = np.empty((len(inputs), *self.embedding_shape), dtype=np.float32)
         for start in range(0, len(inputs), self.encoder_batch):
             batch = np.stack(inputs[start:start + self.encoder_batch])
             out[start:start + len(batch)] = self.runtime.encode(batch)
@@ -190,4 +235,4 @@ class PromptableModel:
         if note:
             warnings.warn(note, stacklevel=2)
         probabilities = self.decode(self.embed([image_u8]), clipped[None], image.shape[:2])
-        return probabilities[0] > 0.5
+        return probabilities[0] > MASK_THRESHOLD

@@ -1,5 +1,9 @@
 """MedSAM: SAM ViT-B fine-tuned on medical images, built by the official
-``segment_anything.sam_model_registry["vit_b"]``.
+``segment_anything.sam_model_registry["vit_b"]``, and its recipe.
+
+The recipe mirrors upstream bowang-lab/MedSAM ``MedSAM_Inference.py``: skimage bicubic
+resize to 1024x1024 without keeping aspect, per-image min-max to [0, 1], box scaled by
+1024/W and 1024/H, low-res logits -> sigmoid -> bilinear to (H, W) -> > 0.5.
 
 The checkpoint comes from ``--checkpoint PATH`` or is downloaded once into the user
 cache folder (see :mod:`.checkpoints`). SAM's pixel mean/std normalisation is not
@@ -11,12 +15,39 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ..preprocess import MEDSAM_RECIPE
-from .base import PromptedMaskDecoder
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .base import PromptedMaskDecoder, Recipe, min_max, three_channels
 from .checkpoints import MEDSAM_VIT_B, fetch_known_weights, load_state_dict
 
-RECIPE = MEDSAM_RECIPE
 GPU_ENCODER_BATCH = 2  # slices per encoder call on a GPU
+INPUT_SIZE = 1024
+
+
+def image_to_input(image_u8: np.ndarray) -> np.ndarray:
+    """(H, W[, 3]) uint8 -> (3, 1024, 1024) float32; mirrors MedSAM_Inference.py."""
+    from skimage import transform
+
+    img = three_channels(image_u8)
+    resized = transform.resize(img, (INPUT_SIZE, INPUT_SIZE), order=3, preserve_range=True, anti_aliasing=True)
+    return min_max(resized.astype(np.uint8).astype(np.float32), "the slice").transpose(2, 0, 1).copy()
+
+
+def pixel_scale(shape: tuple[int, int]) -> tuple[float, float]:
+    """x scaled by 1024/W and y by 1024/H: the slice is stretched to a square."""
+    rows, cols = shape
+    return (INPUT_SIZE / cols, INPUT_SIZE / rows)
+
+
+def logits_to_probabilities(logits: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """(N, 1, 256, 256) logits -> (N, H, W) probabilities: sigmoid, then bilinear."""
+    probs = torch.sigmoid(logits.float())
+    return F.interpolate(probs, size=shape, mode="bilinear", align_corners=False)[:, 0]
+
+
+RECIPE = Recipe("medsam", INPUT_SIZE, image_to_input, pixel_scale, logits_to_probabilities)
 
 
 def build_torch_modules(checkpoint: Optional[Path] = None):

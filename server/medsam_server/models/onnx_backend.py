@@ -162,12 +162,12 @@ def export_onnx(model_name: str, out_dir: str | Path, checkpoint: Optional[str |
 
     Existing files there are replaced. Returns the written paths.
     """
-    from . import _family
+    from . import family
 
-    family = _family(model_name)  # validates the name
+    module = family(model_name)  # validates the name
     checkpoint = Path(checkpoint) if checkpoint else None
     manifest = _manifest(model_name, checkpoint)  # also checks that the checkpoint exists
-    encoder, decoder = family.build_torch_modules(checkpoint)
+    encoder, decoder = module.build_torch_modules(checkpoint)
     return _export_graphs(encoder, decoder, Path(out_dir), manifest, only_missing=False)
 
 

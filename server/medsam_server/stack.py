@@ -1,0 +1,102 @@
+"""A volume seen as 2D slices along one axis through one model: embeddings and decode, boxes and points.
+
+Like segment-anything's ``SamPredictor``: the expensive step (an embedding per slice) is
+cached by ``embeddings.embed_steps``; decoding many boxes on cached slices is cheap. Boxes,
+points and masks cross this class in *slice pixels* (rows along v, columns along u) and are
+turned into the model's view (``orientation``) and back inside, exactly.
+
+``model`` is a ``models.base.PromptableModel`` or the server's ``worker.WorkerModel``: both
+offer ``embed_cached``, ``decode``, ``name`` and ``decoder_batch``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from .embeddings import EmbeddingCache, EmbedResult, SliceKey, volume_digest
+from .errors import InputError
+from .geometry import DEFAULT_ORIENTATION, SliceView, canonical_view, slice_index
+from .intensity import to_uint8
+
+#: Probabilities above this are inside the mask (both model families, as upstream).
+MASK_THRESHOLD = 0.5
+
+
+class SliceStack:
+    """A (k, j, i) or (k, j, i, 3) volume as slices along ``axis``, mapped by ``window``, through ``model``."""
+
+    def __init__(
+        self,
+        array: np.ndarray,
+        direction: np.ndarray,
+        axis: int,
+        window,
+        model: Any,
+        cache: EmbeddingCache,
+        orientation: str = DEFAULT_ORIENTATION,
+        digest: Optional[str] = None,
+    ):
+        rgb = array.ndim == 4 and array.shape[-1] == 3
+        if array.ndim != 3 and not rgb:
+            raise InputError(f"a volume is (k, j, i) or (k, j, i, 3); got shape {array.shape}")
+        self.axis = axis
+        self.model = model
+        self.cache = cache
+        self.u8, mapping = to_uint8(array, window, rgb=rgb)
+        self.n_slices = array.shape[2 - axis]
+        # A 2D image (X-ray, photo, one slice) is stored the way it is meant to be seen: only
+        # volumes are turned into the canonical patient orientation.
+        self.view: SliceView = canonical_view(direction, axis, "array" if self.n_slices == 1 else orientation)
+        self.volume_key = digest or volume_digest(array)
+        self.preprocessing = f"{mapping}|{self.view.key}"
+        self.shape = self.u8[slice_index(axis, 0)].shape[:2]  # (rows, cols) of a slice
+
+    def using(self, model: Any) -> SliceStack:
+        """The same slices (no copy of the volume) through another model, e.g. a worker at another priority."""
+        other = copy.copy(self)
+        other.model = model
+        return other
+
+    def key(self, index: int) -> SliceKey:
+        return SliceKey(self.volume_key, self.axis, int(index), self.model.name, self.preprocessing)
+
+    def plane(self, index: int) -> np.ndarray:
+        """The uint8 slice ``index`` in slice pixels (rows, cols[, 3])."""
+        return self.u8[slice_index(self.axis, index)]
+
+    def is_constant(self, index: int) -> bool:
+        plane = self.plane(index)
+        return bool(plane.min() == plane.max())
+
+    def mean_intensity(self, index: int, mask: np.ndarray) -> float:
+        """Mean windowed intensity (0..255, channels averaged) of slice ``index`` under a non-empty mask."""
+        return float(self.plane(index)[mask].mean())
+
+    def embeddings(self, indices: Sequence[int], progress: Optional[Callable[[int], None]] = None,
+                   should_stop: Optional[Callable[[], bool]] = None, keep: bool = True) -> EmbedResult:
+        """(N, *embedding_shape) embeddings of slices ``indices`` (None with ``keep=False``) and the cache hits."""
+        indices = list(indices)
+        return self.model.embed_cached(self.cache, [self.key(i) for i in indices],
+                                       lambda n: self.view.to_view(self.plane(indices[n])), progress, should_stop,
+                                       keep)
+
+    def decode(self, embeddings: np.ndarray, boxes: np.ndarray, points: Optional[np.ndarray] = None,
+               point_labels: Optional[np.ndarray] = None) -> np.ndarray:
+        """Box i (and points i) on embedding i -> (N, rows, cols) probabilities in slice pixels.
+
+        ``boxes`` (N, 4) and ``points`` (N, P, 2) are in slice pixels; ``point_labels`` (N, P)
+        1 inside, 0 outside. Points map to the view like box corners.
+        """
+        view, shape = self.view, self.shape
+        view_boxes = np.array([view.box_to_view(b, shape) for b in boxes]).reshape(-1, 4)
+        view_points = None if points is None else view.points_to_view(np.asarray(points, dtype=np.float64), shape)
+        probs = self.model.decode(embeddings, view_boxes, view.view_shape(shape), view_points, point_labels)
+        return np.stack([view.from_view(p) for p in probs]) if len(probs) else probs.reshape(0, *shape)
+
+    def masks(self, embeddings: np.ndarray, boxes: np.ndarray, points: Optional[np.ndarray] = None,
+              point_labels: Optional[np.ndarray] = None) -> np.ndarray:
+        """As :meth:`decode`, thresholded: (N, rows, cols) bool."""
+        return self.decode(embeddings, boxes, points, point_labels) > MASK_THRESHOLD
