@@ -24,6 +24,7 @@ and the model worker.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -33,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from . import __version__, wire
-from .app import Server, Settings  # Settings: see create_app
+from .app import Server, Settings  # noqa: F401 - Settings: still imported from here by the Ray tests
 from .errors import (
     Busy,
     Cancelled,
@@ -106,12 +107,18 @@ def _message(error: BaseException) -> str:
     return str(error)
 
 
+#: An error repeats at most this much of what was wrong (a bad value may be megabytes long).
+MAX_ERROR_CHARS = 1000
+
+
 def error_response(error: BaseException) -> JSONResponse:
     status, code = status_for(error)
     if status == 500:
         message = f"internal error ({type(error).__name__}); the server log has the details"
     else:
         message = _message(error)
+    if len(message) > MAX_ERROR_CHARS:
+        message = f"{message[:MAX_ERROR_CHARS]}... ({len(message)} characters in all)"
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse({"error": message, "code": code}, status_code=status, headers=headers)
 
@@ -125,14 +132,32 @@ async def read_body(request: Request, limit: int) -> bytes:
         if int(declared) > limit:
             raise TooLarge(f"the request has {int(declared)} bytes; this server accepts at most {limit} "
                            "(medsam serve --max-upload-mb)")
-    chunks, size = [], 0
+    body = bytearray()  # grown as data arrives (a Content-Length alone reserves nothing), never joined
     async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
+        if len(body) + len(chunk) > limit:
             raise TooLarge(f"the request is longer than the {limit} bytes this server accepts "
                            "(medsam serve --max-upload-mb)")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        body += chunk
+    return body
+
+
+async def unless_disconnected(request: Request, work):
+    """Await the coroutine ``work``; cancel it (and the model work it waits for) if the client goes away."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not task.done():
+        task.cancel()
+        raise ClientDisconnect()
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass  # the body was read already: the next message is the disconnect
 
 
 def media_type(request: Request) -> str:
@@ -152,8 +177,6 @@ async def read_json(server: Server, request: Request, limits: Limits) -> dict:
 
 def create_app(server: Server) -> FastAPI:
     """The FastAPI app of ``server`` (use ``app.build_app`` to make both from settings)."""
-    if isinstance(server, Settings):  # transitional: the Ray replica's committed call; it moves to app.build_app
-        server = Server(server)
     import contextlib
 
     @contextlib.asynccontextmanager
@@ -208,7 +231,7 @@ async def health():
 
 @router.get(ROUTE_INFO)
 async def info(request: Request, owner: str = Depends(caller)):
-    return _server(request).info()
+    return _server(request).info(owner)
 
 
 @router.post(ROUTE_SESSIONS, status_code=201)
@@ -238,14 +261,10 @@ async def segment(session_id: str, request: Request, owner: str = Depends(caller
     server = _server(request)
     session = _session(request, session_id, owner)
     raw = await read_json(server, request, server.settings.limits)
-
-    def masks_envelope() -> bytes:  # one trip off the event loop: segment and encode
-        segment_request, masks = server.sessions.segment(session, raw)
-        header = {"axis": segment_request.params.axis, "slices": [e.slice for e in segment_request.entries],
-                  "notes": segment_request.notes}
-        return wire.encode(header, masks.astype(MASK_DTYPE))
-
-    return envelope_response(await server.run(masks_envelope))
+    segment_request, masks = await unless_disconnected(request, server.sessions.segment(session, raw, server.run))
+    header = {"axis": segment_request.params.axis, "slices": [e.slice for e in segment_request.entries],
+              "notes": segment_request.notes}
+    return envelope_response(await server.run(wire.encode, header, masks.astype(MASK_DTYPE)))
 
 
 @router.post(ROUTE_PREFETCH, status_code=202)
