@@ -47,6 +47,9 @@ class Settings:
     max_sessions: int = 16
     max_sessions_gb: float = 8.0  # all uploaded volumes together, decompressed
     max_active_jobs: int = 4
+    # One token's share: default half of the slots and memory when several tokens share the server.
+    max_sessions_per_token: Optional[int] = None
+    share_cache: bool = False  # with tokens, True lets every token reuse (and time) the others' embeddings
     encode_chunk: Optional[int] = None  # slices per encoder step (default 1 on CPU, the model's batch on a GPU)
     limits: Limits = field(default_factory=Limits)
 
@@ -96,8 +99,13 @@ class Server:
             self.model = await self.run(load_model, s.model, s.checkpoint, s.device, s.backend)
         self.worker = ModelWorker(self.model, self.cache, s.encode_chunk)
         self.worker.start()
+        total_bytes = int(s.max_sessions_gb * 2**30)
+        several = len(s.tokens) > 1
+        owner_sessions = s.max_sessions_per_token or (max(1, s.max_sessions // 2) if several else s.max_sessions)
+        owner_bytes = total_bytes // 2 if several else total_bytes
         self.sessions = Sessions(self.worker, self.cache, s.limits, s.session_idle_seconds, s.max_sessions,
-                                 int(s.max_sessions_gb * 2**30), s.max_active_jobs)
+                                 total_bytes, s.max_active_jobs, owner_sessions, owner_bytes,
+                                 share_cache=s.share_cache or not s.tokens)
         self._expiry = asyncio.create_task(self._expire_forever())
         log.info("MedSAM server ready: model %s on %s", self.model.name, self.model.device)
 
@@ -142,15 +150,20 @@ class Server:
     def session(self, session_id: str, owner: str, key: Optional[str]) -> ServerSession:
         return self.sessions.get(session_id, owner, key)
 
-    def info(self) -> dict:
+    def info(self, owner: str = "") -> dict:
+        """What ``/info`` tells ``owner``: with tokens, its own sessions and no other user's counts."""
         from . import __version__
         from .protocol import IMAGE_DTYPES, LABEL_DTYPES
 
         s, model = self.settings, self.model
+        cache, worker = self.cache.stats().as_dict(), self.worker.stats()
+        if s.tokens:  # the cache and worker serve everyone: only the sizes and the load, not what others did
+            cache = {"budget_bytes": cache["budget_bytes"], "shared": s.share_cache}
+            worker = {"queued": worker["queued"], "encode_chunk": worker["encode_chunk"]}
         return {"api_version": API_VERSION, "version": __version__, "model": model.name, "device": str(model.device),
-                "backend": s.backend, "auth": bool(s.tokens), "sessions": len(self.sessions),
-                "session_idle_seconds": s.session_idle_seconds, "cache": self.cache.stats().as_dict(),
-                "worker": self.worker.stats(), "limits": s.limits.as_dict(),
+                "backend": s.backend, "auth": bool(s.tokens), "sessions": self.sessions.count(owner),
+                "session_idle_seconds": s.session_idle_seconds, "cache": cache,
+                "worker": worker, "limits": s.limits.as_dict(),
                 "image_dtypes": list(IMAGE_DTYPES), "label_dtypes": list(LABEL_DTYPES)}
 
 

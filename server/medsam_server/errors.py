@@ -4,6 +4,16 @@ The CLI turns :class:`InputError` into exit code 2 (``cli.py``); the server maps
 every class below to a status code in one table (``api.ERRORS``).
 """
 
+import reprlib
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 80
+
+
+def shown(value) -> str:
+    """A short repr of a value a client sent: an error names it without repeating megabytes of it."""
+    return _SHORT.repr(value)
+
 
 class InputError(ValueError):
     """Bad input: the message names what was wrong and, where it helps, where."""

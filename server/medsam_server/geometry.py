@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, shown
 
 
 def in_plane_axes(axis: int) -> tuple[int, int]:
@@ -49,7 +49,7 @@ def check_box(box: Sequence[float], shape: tuple[int, int], where: str = "") -> 
     try:
         x0, y0, x1, y1 = (float(v) for v in box)
     except (TypeError, ValueError):
-        raise InputError(f"{prefix}a box is [x_min, y_min, x_max, y_max], got {box!r}") from None
+        raise InputError(f"{prefix}a box is [x_min, y_min, x_max, y_max], got {shown(box)}") from None
     if not all(np.isfinite(v) for v in (x0, y0, x1, y1)):
         raise InputError(f"{prefix}box {list(box)} has a non-finite coordinate")
     if x1 < x0 or y1 < y0:
@@ -77,7 +77,7 @@ def check_points(points: Any, shape: tuple[int, int], what: str, count: tuple[in
         array = np.empty((0, 3))
     low, high = count
     if array.ndim != 2 or array.shape[1:] != (2,) or not low <= len(array) <= high or not np.isfinite(array).all():
-        raise InputError(f"{where}: {what}, got {points!r}")
+        raise InputError(f"{where}: {what}, got {shown(points)}")
     rows, cols = shape
     if (array < 0).any() or (array[:, 0] > cols - 1).any() or (array[:, 1] > rows - 1).any():
         raise InputError(f"{where}: a point lies outside the {cols}x{rows} slice ({np.round(array, 3).tolist()})")

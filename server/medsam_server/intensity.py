@@ -11,7 +11,7 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, shown
 
 #: CT presets as (level, width) in Hounsfield units.
 CT_WINDOWS: dict[str, tuple[float, float]] = {
@@ -30,12 +30,12 @@ def parse_window(window: Window) -> Union[str, tuple[float, float]]:
     """Validate a window as the prompt document spells it: a preset name or ``[low, high]``."""
     if isinstance(window, str):
         if window not in WINDOW_NAMES:
-            raise InputError(f"unknown window {window!r}; use one of {', '.join(WINDOW_NAMES)} or [low, high]")
+            raise InputError(f"unknown window {shown(window)}; use one of {', '.join(WINDOW_NAMES)} or [low, high]")
         return window
     try:
         low, high = (float(v) for v in window)
     except (TypeError, ValueError):
-        raise InputError(f"window must be a preset name or [low, high], got {window!r}") from None
+        raise InputError(f"window must be a preset name or [low, high], got {shown(window)}") from None
     if not (np.isfinite(low) and np.isfinite(high) and low < high):
         raise InputError(f"window [low, high] needs finite low < high, got [{low}, {high}]")
     return (low, high)

@@ -22,6 +22,8 @@ from .errors import Busy, Cancelled, InputError, UnknownJob, WireError
 log = logging.getLogger(__name__)
 
 FINISHED_JOBS_KEPT = 8
+#: An annotate job whose status nobody asked for this long is cancelled: its client went away.
+UNWATCHED_JOB_SECONDS = 120.0
 #: Errors whose message is meant for the user; any other failure is reported as an internal error.
 USER_ERRORS = (InputError, WireError, Cancelled)
 
@@ -39,8 +41,10 @@ class Job:
     total: int = 0
     error: Optional[BaseException] = None
     result: Optional[bytes] = None  # an envelope (annotate)
+    cached: int = 0  # slices found embedded already (in this owner's cache)
     created: float = field(default_factory=time.monotonic)
     ended: Optional[float] = None
+    watched: float = field(default_factory=time.monotonic)  # when a client last asked for its status
     cancel: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -80,6 +84,7 @@ class Job:
 
     async def wait(self, timeout: float) -> None:
         """Return when the job has ended or after ``timeout`` seconds, whichever comes first."""
+        self.watched = time.monotonic()
         if timeout <= 0 or not self.active:
             return
         loop = asyncio.get_running_loop()
@@ -106,7 +111,8 @@ class Job:
         with self.lock:
             end = self.ended if self.ended is not None else time.monotonic()
             return {"job": self.id, "kind": self.kind, "state": self.state, "phase": self.phase, "done": self.done,
-                    "total": self.total, "error": self.error_message(), "seconds": round(end - self.created, 3)}
+                    "total": self.total, "cached": self.cached, "error": self.error_message(),
+                    "seconds": round(end - self.created, 3)}
 
 
 def _resolve(future: asyncio.Future) -> None:
@@ -166,3 +172,12 @@ class JobBook:
     def cancel_all(self) -> None:
         for job in self.all():
             job.cancel.set()
+
+    def cancel_unwatched(self, now: float) -> int:
+        """Cancel the annotate jobs no client has polled for ``UNWATCHED_JOB_SECONDS``; how many."""
+        unwatched = [job for job in self.all() if job.kind == "annotate" and job.active and not job.cancel.is_set()
+                     and now - job.watched > UNWATCHED_JOB_SECONDS]
+        for job in unwatched:
+            log.info("annotate job %s cancelled: nobody asked for it for %.0f s", job.id[:6], now - job.watched)
+            job.cancel.set()
+        return len(unwatched)

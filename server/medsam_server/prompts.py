@@ -17,15 +17,16 @@ with ``requests.py``, which parses the server's other request bodies.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence, Union
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, shown
 from .geometry import ORIENTATIONS, check_box, check_points, slice_shape
 from .intensity import parse_window
-from .protocol import MAX_LABEL
+from .protocol import MAX_LABEL, MAX_SEGMENTS
 
 LINE_MARGIN_FRACTION = 0.1
 
@@ -88,6 +89,8 @@ def parse_prompts(document: Union[dict, str], size_ijk: Sequence[int]) -> Prompt
     raw_segments = document.get("segments")
     if not isinstance(raw_segments, list) or not raw_segments:
         raise InputError("the prompt document needs a non-empty 'segments' list")
+    if len(raw_segments) > MAX_SEGMENTS:
+        raise InputError(f"the prompt document has {len(raw_segments)} segments; the limit is {MAX_SEGMENTS}")
 
     n_slices = int(size_ijk[axis])
     shape = slice_shape(size_ijk, axis)
@@ -96,8 +99,8 @@ def parse_prompts(document: Union[dict, str], size_ijk: Sequence[int]) -> Prompt
         _parse_segment(raw, position, n_slices, shape, notes) for position, raw in enumerate(raw_segments, start=1)
     ]
     for attribute in ("label", "name"):
-        values = [getattr(s, attribute) for s in segments]
-        duplicates = sorted({v for v in values if values.count(v) > 1}, key=str)
+        counts = Counter(getattr(s, attribute) for s in segments)
+        duplicates = sorted((v for v, n in counts.items() if n > 1), key=str)
         if duplicates:
             raise InputError(
                 f"segments share the {attribute} {duplicates[0]!r}: each segment needs its own {attribute}")
@@ -143,7 +146,7 @@ def _box_keyframes(raw: dict, where: str, n_slices: int, shape: tuple[int, int],
     for entry in _list(raw, "boxes", where):
         if not isinstance(entry, dict) or set(entry) != {"slice", "box"}:
             raise InputError(
-                f"{where}: each box is {{\"slice\": k, \"box\": [u_min, v_min, u_max, v_max]}}, got {entry!r}")
+                f"{where}: each box is {{\"slice\": k, \"box\": [u_min, v_min, u_max, v_max]}}, got {shown(entry)}")
         index = _slice_index(entry["slice"], n_slices, where)
         if index in keyframes:
             raise InputError(f"{where}, slice {index}: two boxes on one slice; keep one")
@@ -158,7 +161,8 @@ def _lines_by_slice(raw: dict, where: str, n_slices: int, shape: tuple[int, int]
     lines: dict[int, list[np.ndarray]] = {}
     for entry in _list(raw, "lines", where):
         if not isinstance(entry, dict) or set(entry) != {"slice", "points"}:
-            raise InputError(f"{where}: each line is {{\"slice\": k, \"points\": [[u, v], [u, v]]}}, got {entry!r}")
+            raise InputError(f"{where}: each line is {{\"slice\": k, \"points\": [[u, v], [u, v]]}}, "
+                             f"got {shown(entry)}")
         index = _slice_index(entry["slice"], n_slices, where)
         at = f"{where}, slice {index}"
         points = check_points(entry["points"], shape, "a line is two points [[u, v], [u, v]]", (2, 2), at)

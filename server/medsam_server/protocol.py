@@ -34,6 +34,8 @@ COMPRESSIONS = ("zlib", "gzip")
 ARRAY_FIELDS = ("dtype", "shape", "compression", "spacing", "origin", "direction", "offset")
 #: Labels travel as uint16: a segment's label is 1..MAX_LABEL.
 MAX_LABEL = 65535
+#: Segments one prompt document may hold (far more than any labelmap of a body has).
+MAX_SEGMENTS = 1024
 
 # Routes (``str.format`` templates of the path).
 ROUTE_HEALTH = "/health"

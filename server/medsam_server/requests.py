@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, shown
 from .geometry import DEFAULT_ORIENTATION, ORIENTATIONS, check_box, check_points, slice_shape
 from .intensity import parse_window
 from .prompts import PromptDocument, check_axis, check_int, check_orientation, no_unknown_keys, parse_prompts
@@ -93,7 +93,7 @@ def parse_options(raw: Any, n_slices: int) -> AnnotateOptions:
     no_unknown_keys(raw, set(kinds), "'options'")
     for name, value in raw.items():
         if not isinstance(value, kinds[name]) or (kinds[name] is int and isinstance(value, bool)):
-            raise InputError(f"option {name!r} must be a {kinds[name].__name__}, got {value!r}")
+            raise InputError(f"option {name!r} must be a {kinds[name].__name__}, got {shown(value)}")
     options = AnnotateOptions(**raw)
     if options.propagate > n_slices:
         raise InputError(f"propagate {options.propagate} is more than the {n_slices} slices along the axis")
@@ -174,7 +174,7 @@ def _points(entry: dict, shape: tuple[int, int], limit: int, where: str):
     labels = entry.get("point_labels", [1] * len(points))
     if not isinstance(labels, list) or len(labels) != len(points) or \
             not all(v in (0, 1) and not isinstance(v, bool) for v in labels):
-        raise InputError(f"{where}: 'point_labels' is one 1 (inside) or 0 (outside) per point, got {labels!r}")
+        raise InputError(f"{where}: 'point_labels' is one 1 (inside) or 0 (outside) per point, got {shown(labels)}")
     return points, np.array(labels, dtype=np.int64)
 
 

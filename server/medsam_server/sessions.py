@@ -20,6 +20,7 @@ are (rows = v, cols = u); volumes are (k, j, i[, 3]); offsets (i0, j0, k0).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -28,6 +29,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -49,7 +51,7 @@ from .requests import (
     parse_prefetch_request,
     parse_segment_request,
 )
-from .stack import SliceStack
+from .stack import MASK_THRESHOLD, SliceStack
 from .worker import PRIORITY_ANNOTATE, PRIORITY_PREFETCH, PRIORITY_SEGMENT, ModelWorker, WorkerModel
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,7 @@ class ServerSession:
     geometry: wire.Geometry
     digest: str
     jobs: JobBook
+    cache_volume: str = ""  # the volume's name in the embedding cache: its digest, kept apart per owner
     created: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
     stacks: OrderedDict = field(default_factory=OrderedDict)
@@ -96,7 +99,8 @@ class Sessions:
     """All sessions of a server and the operations on them; thread-safe, blocking (call from worker threads)."""
 
     def __init__(self, worker: ModelWorker, cache: EmbeddingCache, limits: Limits, idle_seconds: float,
-                 max_sessions: int, max_total_bytes: int, max_active_jobs: int = 4):
+                 max_sessions: int, max_total_bytes: int, max_active_jobs: int = 4,
+                 owner_sessions: Optional[int] = None, owner_bytes: Optional[int] = None, share_cache: bool = True):
         self.worker = worker
         self.cache = cache
         self.limits = limits
@@ -104,13 +108,24 @@ class Sessions:
         self.max_sessions = max_sessions
         self.max_total_bytes = max_total_bytes
         self.max_active_jobs = max_active_jobs
+        # Per owner (token): one user cannot take every slot or all the memory from the others.
+        self.owner_sessions = owner_sessions or max_sessions
+        self.owner_bytes = owner_bytes or max_total_bytes
+        self.share_cache = share_cache  # False: an owner never finds another owner's embeddings (nor their timing)
         self._sessions: dict[str, ServerSession] = {}
+        self._uploading: list[tuple[str, int]] = []  # (owner, declared bytes) of uploads being decoded
         self._lock = threading.Lock()
-        self.job_pool = ThreadPoolExecutor(max_workers=max_active_jobs, thread_name_prefix="medsam-job")
+        # Threads only wait on the worker, which shares itself fairly: one user's jobs must not queue another's.
+        self.job_pool = ThreadPoolExecutor(max_workers=max_active_jobs * max_sessions, thread_name_prefix="medsam-job")
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._sessions)
+
+    def count(self, owner: str) -> int:
+        """How many sessions ``owner`` holds."""
+        with self._lock:
+            return sum(s.owner == owner for s in self._sessions.values())
 
     def close(self) -> None:
         with self._lock:
@@ -123,7 +138,41 @@ class Sessions:
     # -------------------------------------------------------------- lifecycle
 
     def create(self, body: bytes, owner: str) -> tuple[ServerSession, str]:
-        """An upload envelope -> a new session and its key (returned to the client once)."""
+        """An upload envelope -> a new session and its key (returned to the client once).
+
+        The size the envelope declares is charged to the session and memory caps (the server's and
+        the owner's) before it is decoded, so uploads under way count as much as sessions held.
+        """
+        declared = wire.declared_bytes(body, self.limits, IMAGE_DTYPES, allow_rgb=True)
+        self.expire()
+        with self._lock:
+            self._admit(owner, declared)
+            self._uploading.append((owner, declared))
+        try:
+            return self._create(body, owner)
+        finally:
+            with self._lock:
+                self._uploading.remove((owner, declared))
+
+    def _admit(self, owner: str, nbytes: int) -> None:
+        """Under the lock: Busy unless one more session of ``nbytes`` fits the server's and the owner's caps."""
+        held = [(s.owner, s.array.nbytes) for s in self._sessions.values()] + self._uploading
+        mine = [n for o, n in held if o == owner]
+        if len(held) >= self.max_sessions:
+            raise Busy(f"the server holds its maximum of {self.max_sessions} sessions; delete one you no longer "
+                       "need (or wait for idle ones to expire)")
+        if len(mine) >= self.owner_sessions:
+            raise Busy(f"this token holds {len(mine)} sessions, as many as one token may; delete one you no longer "
+                       "need")
+        total = sum(n for _, n in held)
+        if total + nbytes > self.max_total_bytes:
+            raise Busy(f"the server holds {total / 2**30:.2f} GiB of volumes and may hold "
+                       f"{self.max_total_bytes / 2**30:.2f} GiB; delete sessions you no longer need")
+        if sum(mine) + nbytes > self.owner_bytes:
+            raise Busy(f"this token holds {sum(mine) / 2**30:.2f} GiB of volumes and one token may hold "
+                       f"{self.owner_bytes / 2**30:.2f} GiB; delete sessions you no longer need")
+
+    def _create(self, body: bytes, owner: str) -> tuple[ServerSession, str]:
         header, array = wire.decode(body, self.limits, IMAGE_DTYPES, allow_rgb=True)
         unknown = sorted(set(header) - {"array"})
         if unknown:
@@ -133,19 +182,12 @@ class Sessions:
         geometry = wire.geometry(header["array"])
         check_finite(array, "the uploaded image")
         digest = volume_digest(array)
-        self.expire()
+        cache_volume = digest if self.share_cache or not owner else secret_hash(f"{owner}:{digest}")
         with self._lock:
-            held = sum(s.array.nbytes for s in self._sessions.values())
-            if len(self._sessions) >= self.max_sessions:
-                raise Busy(f"the server holds its maximum of {self.max_sessions} sessions; delete one you no longer "
-                           "need (or wait for idle ones to expire)")
-            if held + array.nbytes > self.max_total_bytes:
-                raise Busy(f"the server holds {held / 2**30:.2f} GiB of volumes and may hold "
-                           f"{self.max_total_bytes / 2**30:.2f} GiB; delete sessions you no longer need")
             key = secrets.token_urlsafe(32)
             session_id = secrets.token_urlsafe(16)
             session = ServerSession(session_id, secret_hash(key), owner, array, geometry, digest,
-                                    JobBook(session_id, self.max_active_jobs))
+                                    JobBook(session_id, self.max_active_jobs), cache_volume)
             self._sessions[session.id] = session
         log.info("session %s: %s %s uploaded", session.id[:6], array.dtype, array.shape)
         return session, key
@@ -164,15 +206,18 @@ class Sessions:
     def delete(self, session: ServerSession) -> None:
         with self._lock:
             self._sessions.pop(session.id, None)
-            shared = any(s.digest == session.digest for s in self._sessions.values())
+            shared = any(s.cache_volume == session.cache_volume for s in self._sessions.values())
         session.jobs.cancel_all()
         if not shared:
-            self.cache.drop_volume(session.digest)
+            self.cache.drop_volume(session.cache_volume)
 
     def expire(self, now: Optional[float] = None) -> int:
-        """Drop sessions idle longer than the limit (their embeddings stay cached for a re-upload)."""
+        """Drop sessions idle longer than the limit (their embeddings stay cached for a re-upload), and cancel
+        annotate jobs that no client watches any more."""
         now = time.monotonic() if now is None else now
         with self._lock:
+            for session in self._sessions.values():
+                session.jobs.cancel_unwatched(now)
             stale = [s for s in self._sessions.values() if now - s.last_used > self.idle_seconds and not s.jobs.busy]
             for session in stale:
                 del self._sessions[session.id]
@@ -190,27 +235,34 @@ class Sessions:
             stack = session.stacks.get(key)
             if stack is None:
                 stack = SliceStack(session.array, session.geometry.direction_matrix, params.axis, params.window,
-                                   WorkerModel(self.worker), self.cache, params.orientation, session.digest)
+                                   WorkerModel(self.worker), self.cache, params.orientation, session.cache_volume)
                 session.stacks[key] = stack
                 while len(session.stacks) > STACKS_PER_SESSION:
                     session.stacks.popitem(last=False)
             session.stacks.move_to_end(key)
-        return stack.using(WorkerModel(self.worker, priority, should_stop))
+        return stack.using(WorkerModel(self.worker, priority, should_stop, session.owner))
 
-    def segment(self, session: ServerSession, raw: Any) -> tuple[SegmentRequest, np.ndarray]:
-        """Masks (N, rows, cols) bool, one per box of the request, in slice pixels."""
-        request = parse_segment_request(raw, session.size_ijk, self.limits)
-        stack = self._stack(session, request.params, PRIORITY_SEGMENT)
+    async def segment(self, session: ServerSession, raw: Any,
+                      run: Callable[..., Awaitable]) -> tuple[SegmentRequest, np.ndarray]:
+        """Masks (N, rows, cols) bool, one per box of the request, in slice pixels.
+
+        A coroutine: ``run(function, *args)`` does the blocking parts (parsing, the slice view) on a
+        thread, and the model work is awaited on the worker's futures, so no thread waits for the
+        encoder; cancelling it (the client went away) drops the work still queued.
+        """
+        request, stack, live = await run(self._segment_plan, session, raw)
         masks = np.zeros((len(request.entries), *stack.shape), dtype=bool)
-        live = []
-        for n, entry in enumerate(request.entries):
-            if stack.is_constant(entry.slice):
-                request.notes.append(f"slice {entry.slice} is constant; its mask is empty")
-            else:
-                live.append(n)
         if not live:
             return request, masks
-        embeddings, _ = stack.embeddings([request.entries[n].slice for n in live])
+        indices = [request.entries[n].slice for n in live]
+        keys = [stack.key(i) for i in indices]
+        cached = [self.cache.get(key) for key in keys]
+        if all(e is not None for e in cached):  # the common case: straight to the decoder, no turn to wait for
+            embeddings = np.stack(cached)
+        else:
+            embedded = self.worker.embed(keys, lambda n: stack.view.to_view(stack.plane(indices[n])),
+                                         PRIORITY_SEGMENT, owner=session.owner)
+            embeddings, _ = await asyncio.wrap_future(embedded)
         groups: dict[Optional[int], list[int]] = {}  # decoded together: the same number of points
         for position, n in enumerate(live):
             points = request.entries[n].points
@@ -219,10 +271,25 @@ class Sessions:
             entries = [request.entries[live[p]] for p in positions]
             points = None if count is None else np.array([e.points for e in entries])
             labels = None if count is None else np.array([e.point_labels for e in entries])
-            found = stack.masks(embeddings[positions], np.array([e.box for e in entries]), points, labels)
+            boxes, shape, points = stack.prompts_to_view(np.array([e.box for e in entries]), points)
+            decoded = self.worker.decode(embeddings[positions], boxes, shape, points, labels, session.owner)
+            probabilities = await asyncio.wrap_future(decoded)
+            found = await run(lambda p=probabilities: stack.from_view(p) > MASK_THRESHOLD)
             for p, mask in zip(positions, found, strict=True):
                 masks[live[p]] = mask
         return request, masks
+
+    def _segment_plan(self, session: ServerSession, raw: Any) -> tuple[SegmentRequest, SliceStack, list[int]]:
+        """The parsed request, its slices, and which of its boxes lie on slices that are not constant."""
+        request = parse_segment_request(raw, session.size_ijk, self.limits)
+        stack = self._stack(session, request.params, PRIORITY_SEGMENT)
+        live = []
+        for n, entry in enumerate(request.entries):
+            if stack.is_constant(entry.slice):
+                request.notes.append(f"slice {entry.slice} is constant; its mask is empty")
+            else:
+                live.append(n)
+        return request, stack, live
 
     def start_prefetch(self, session: ServerSession, raw: Any) -> Job:
         """Embed a slice range in the background; returns the job to poll."""
@@ -233,7 +300,7 @@ class Sessions:
             stack = self._stack(session, request.params, PRIORITY_PREFETCH, job.cancel.is_set)
             live = [i for i in request.slices if not stack.is_constant(i)]
             job.set_progress(len(request.slices) - len(live), len(request.slices), "embedding")
-            stack.embeddings(live, progress=job.advance, keep=False)
+            _, job.cached = stack.embeddings(live, progress=job.advance, keep=False)
 
         self.job_pool.submit(run_job, job, work)
         return job
@@ -257,7 +324,7 @@ class Sessions:
                 job.set_progress(len(needed) + done, len(needed) + total, phase)
 
             result = annotate(session.array, session.geometry.direction_matrix, prompts, stack.model, self.cache,
-                              options, existing, progress, job.cancel.is_set, session.digest, stack=stack)
+                              options, existing, progress, job.cancel.is_set, session.cache_volume, stack=stack)
             offset, block = changed_block(result.labels, result.changed_slices, prompts.axis)
             summary = {**result.summary(), "changed_slices": result.changed_slices, "axis": prompts.axis}
             meta = {} if block is None else {"array": {"offset": list(offset)}}

@@ -90,11 +90,21 @@ class SliceStack:
         ``boxes`` (N, 4) and ``points`` (N, P, 2) are in slice pixels; ``point_labels`` (N, P)
         1 inside, 0 outside. Points map to the view like box corners.
         """
+        view_boxes, view_shape, view_points = self.prompts_to_view(boxes, points)
+        return self.from_view(self.model.decode(embeddings, view_boxes, view_shape, view_points, point_labels))
+
+    def prompts_to_view(self, boxes: np.ndarray, points: Optional[np.ndarray] = None) -> tuple:
+        """Boxes (N, 4) and points (N, P, 2) in slice pixels -> (view boxes, view (H, W), view points)."""
         view, shape = self.view, self.shape
         view_boxes = np.array([view.box_to_view(b, shape) for b in boxes]).reshape(-1, 4)
         view_points = None if points is None else view.points_to_view(np.asarray(points, dtype=np.float64), shape)
-        probs = self.model.decode(embeddings, view_boxes, view.view_shape(shape), view_points, point_labels)
-        return np.stack([view.from_view(p) for p in probs]) if len(probs) else probs.reshape(0, *shape)
+        return view_boxes, view.view_shape(shape), view_points
+
+    def from_view(self, probabilities: np.ndarray) -> np.ndarray:
+        """(N, H, W) probabilities in the view -> (N, rows, cols) in slice pixels."""
+        if not len(probabilities):
+            return probabilities.reshape(0, *self.shape)
+        return np.stack([self.view.from_view(p) for p in probabilities])
 
     def masks(self, embeddings: np.ndarray, boxes: np.ndarray, points: Optional[np.ndarray] = None,
               point_labels: Optional[np.ndarray] = None) -> np.ndarray:

@@ -41,10 +41,12 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .errors import TooLarge, Unsupported, WireError
+from .errors import TooLarge, Unsupported, WireError, shown
 from .protocol import ARRAY_FIELDS, COMPRESSIONS, IMAGE_DTYPES, MAGIC, RGB_CHANNELS, Limits
 
 _CHUNK = 4 << 20  # decompression step: the most a bomb can allocate past the declared size
+#: Deflate's largest expansion (a 258-byte match per 2 bits, about 1032:1): shorter data cannot fill an array.
+DEFLATE_MAX_RATIO = 1032
 
 
 # ------------------------------------------------------------------ encode
@@ -96,16 +98,33 @@ def decode(body: bytes, limits: Limits = Limits(), dtypes: Sequence[str] = IMAGE
     if len(body) < start + length:
         raise WireError(f"the body is truncated: its header declares {length} bytes, {len(body) - start} follow")
     header = parse_json_object(body[start:start + length], "the envelope header")
-    payload = body[start + length:]
+    payload = memoryview(body)[start + length:]  # no copy of what may be a gigabyte
     meta = header.get("array")
     if meta is None:
         if payload:
             raise WireError("the envelope carries data but its header has no 'array' entry describing it")
         return header, None
     dtype, shape = check_array_header(meta, limits, dtypes, allow_rgb)
-    data = bounded_decompress(payload, int(np.prod(shape)) * dtype.itemsize, meta.get("compression", "zlib"))
-    array = np.frombuffer(data, dtype=dtype).reshape(shape)
-    return header, array.astype(dtype.newbyteorder("="), copy=False)
+    data = bounded_decompress(payload, math.prod(shape) * dtype.itemsize, meta.get("compression", "zlib"))
+    return header, data.view(dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=False)
+
+
+def declared_bytes(body: bytes, limits: Limits = Limits(), dtypes: Sequence[str] = IMAGE_DTYPES,
+                   allow_rgb: bool = True) -> int:
+    """The bytes the envelope's array will take once decoded (0 without one), read from its header alone.
+
+    So that a server can charge an upload to its memory budget before decoding it.
+    """
+    if len(body) < len(MAGIC) + 4 or body[:len(MAGIC)] != MAGIC:
+        return 0  # decode() says what is wrong
+    (length,) = struct.unpack(">I", body[len(MAGIC):len(MAGIC) + 4])
+    if length > limits.max_header_bytes or len(body) < len(MAGIC) + 4 + length:
+        return 0
+    meta = parse_json_object(body[len(MAGIC) + 4:len(MAGIC) + 4 + length], "the envelope header").get("array")
+    if meta is None:
+        return 0
+    dtype, shape = check_array_header(meta, limits, dtypes, allow_rgb)
+    return math.prod(shape) * dtype.itemsize
 
 
 def parse_json_object(raw: bytes, what: str) -> dict:
@@ -145,11 +164,11 @@ def check_array_header(meta: Any, limits: Limits, dtypes: Sequence[str], allow_r
         raise Unsupported(f"compression {compression!r} is not supported; use one of {', '.join(COMPRESSIONS)}")
     shape = meta.get("shape")
     if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape):
-        raise WireError(f"shape must be a list of integers, got {shape!r}")
+        raise WireError(f"shape must be a list of integers, got {shown(shape)}")
     rgb = len(shape) == 4 and shape[3] == RGB_CHANNELS
     if len(shape) != 3 and not (allow_rgb and rgb):
         expected = "(k, j, i) or (k, j, i, 3)" if allow_rgb else "(k, j, i)"
-        raise WireError(f"shape {shape} is not {expected}; a 2D image is one slice: (1, rows, cols)")
+        raise WireError(f"shape {shown(shape)} is not {expected}; a 2D image is one slice: (1, rows, cols)")
     if any(n < 1 for n in shape):
         raise WireError(f"shape {shape} has an empty axis")
     if any(n > limits.max_dim for n in shape):
@@ -164,19 +183,29 @@ def check_array_header(meta: Any, limits: Limits, dtypes: Sequence[str], allow_r
     return dtype, tuple(shape)
 
 
-def bounded_decompress(payload: bytes, expected: int, compression: str = "zlib") -> bytearray:
-    """Decompress exactly ``expected`` bytes; stop early (WireError) on more, fewer, or trailing data."""
+def bounded_decompress(payload: bytes, expected: int, compression: str = "zlib") -> np.ndarray:
+    """Decompress exactly ``expected`` bytes into a uint8 array; WireError on more, fewer, or trailing data.
+
+    Data too short to reach ``expected`` is refused before anything is allocated, and the
+    output's memory is only touched as data lands in it (``np.empty``, not zero-filled): a
+    compression bomb costs what it really decompresses to, never what its header claims.
+    """
+    if expected > len(payload) * DEFLATE_MAX_RATIO + 1024:
+        raise WireError(f"{len(payload)} bytes of {compression} data cannot decompress to the {expected} bytes its "
+                        f"shape and dtype declare (deflate expands at most {DEFLATE_MAX_RATIO}:1): it is truncated")
     decompressor = zlib.decompressobj(wbits=31 if compression == "gzip" else 15)
-    out = bytearray(expected)
-    position = 0
-    data = payload
+    out = np.empty(expected, dtype=np.uint8)
+    source = memoryview(payload)
+    position = offset = 0
     try:
         while not decompressor.eof:
+            data = decompressor.unconsumed_tail  # fed a chunk at a time: the input is never copied whole
+            if not data:
+                data, offset = source[offset:offset + _CHUNK], offset + _CHUNK
             chunk = decompressor.decompress(data, _CHUNK)
-            data = decompressor.unconsumed_tail
             if position + len(chunk) > expected:
                 raise WireError(f"the data decompresses to more than the {expected} bytes its shape and dtype declare")
-            out[position:position + len(chunk)] = chunk
+            out[position:position + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
             position += len(chunk)
             if not chunk and not data:
                 break  # input exhausted before the end of the stream
@@ -185,8 +214,9 @@ def bounded_decompress(payload: bytes, expected: int, compression: str = "zlib")
     if not decompressor.eof:
         raise WireError(f"the data is truncated: the {compression} stream ends early "
                         f"({position} of {expected} bytes decompressed)")
-    if decompressor.unused_data:
-        raise WireError(f"{len(decompressor.unused_data)} stray bytes follow the compressed data")
+    stray = len(decompressor.unused_data) + max(0, len(source) - offset)
+    if stray:
+        raise WireError(f"{stray} stray bytes follow the compressed data")
     if position != expected:
         raise WireError(f"the data holds {position} bytes; shape and dtype declare {expected}")
     return out

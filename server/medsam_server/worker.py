@@ -1,19 +1,27 @@
-"""The one thread that runs the model: decoder calls batched across requests, encoding by priority.
+"""The model's two threads: decoder calls batched across requests, encoding by priority and turns.
 
 Every request handler and job hands its model work to a :class:`ModelWorker` and
-waits on a future, so the model lives on one thread (one instance per device) and
-the event loop never waits for it. The worker's loop:
+waits on a future, so the model (one instance per device) is used by two threads
+only, and the event loop never waits for it. One thread decodes, the other encodes:
+the decoder is small, so a box on a cached slice never waits for an encoder step
+(seconds on a CPU) of someone else's work.
 
-1. If decode requests are pending, it takes *all* of them (up to
+1. Decoding: when decode requests are pending, it takes *all* of them (up to
    ``max_decode_batch`` prompts), groups them by slice shape and point count, and
    runs each group as one decoder call. While it was busy, requests piled up; they
    leave together. An idle worker answers a lone request at once (no waiting to fill
    a batch).
-2. Otherwise it runs one step of the most urgent embedding request: a ``segment``
+2. Encoding: it runs one step of the most urgent embedding request: a ``segment``
    (``PRIORITY_SEGMENT``) before an ``annotate`` job before a background prefetch.
    A request is ``embeddings.embed_steps`` (the one embed path), one encoder chunk
    a step; it goes back into the queue after each, so a box on a new slice waits for
    at most one chunk of someone's prefetch.
+
+Within a priority, callers (``owner``: a token) take turns, one step each (round
+robin), so one user's long job or flood of requests cannot make another's wait for
+all of it; a segment request may hold at most ``max_waiting_slices`` slices waiting
+per owner (Busy beyond). Work whose future was cancelled (its client went away) is
+dropped before its next step.
 
 :class:`WorkerModel` wraps the worker in the interface of ``PromptableModel`` that
 the engine (``SliceStack``, ``annotate``) uses, so the engine runs unchanged on it.
@@ -21,23 +29,25 @@ the engine (``SliceStack``, ``annotate``) uses, so the engine runs unchanged on 
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import threading
+from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
 
 from .embeddings import EmbeddingCache, EmbedResult, SliceKey, ViewSlice, embed_steps
-from .errors import Cancelled
+from .errors import Busy, Cancelled
 
 log = logging.getLogger(__name__)
 
 PRIORITY_DECODE, PRIORITY_SEGMENT, PRIORITY_ANNOTATE, PRIORITY_PREFETCH = 0, 1, 2, 3
+PRIORITIES = (PRIORITY_DECODE, PRIORITY_SEGMENT, PRIORITY_ANNOTATE, PRIORITY_PREFETCH)
+#: Slices one owner's segment requests may have waiting for the encoder at once.
+MAX_WAITING_SLICES = 64
 
 
 @dataclass
@@ -58,6 +68,8 @@ class _Decode:
 class _Embed:
     steps: Generator[None, None, EmbedResult]
     future: Future = field(default_factory=Future)
+    owner: str = ""
+    waiting: int = 0  # slices counted against the owner's MAX_WAITING_SLICES
 
 
 #: What ``/info`` reports of the worker; all counts since it started.
@@ -96,29 +108,36 @@ class ModelWorker:
         # Requests join one decoder call until it holds this many prompts: the model's best batch
         # (4 on a CPU, 32 on a GPU), since a CPU decodes big batches slower per box.
         self.max_decode_batch = max_decode_batch or model.decoder_batch
-        self._queue: list[tuple[int, int, object]] = []
-        self._order = itertools.count()
+        # priority -> owner -> that owner's requests in arrival order; owners take turns (the first goes next)
+        self._queues: dict[int, OrderedDict[str, deque]] = {p: OrderedDict() for p in PRIORITIES}
+        self._waiting: dict[str, int] = {}  # owner -> slices its segment requests have queued
+        self.max_waiting_slices = MAX_WAITING_SLICES
         self._condition = threading.Condition()
         self._stopping = False
         self._stats = dict.fromkeys(STATS, 0)
         self._encoder = _CountingModel(self)
-        self._thread = threading.Thread(target=self._run, name="medsam-model-worker", daemon=True)
+        self._threads = [threading.Thread(target=self._run, args=(decoding,), daemon=True,
+                                          name=f"medsam-model-{'decode' if decoding else 'encode'}")
+                         for decoding in (True, False)]
 
     # ------------------------------------------------------------ submitting
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         """Stop after the current step; pending work fails with Cancelled."""
         with self._condition:
             self._stopping = True
             self._condition.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout=60)
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout=60)
 
     def decode(self, embeddings: np.ndarray, boxes: np.ndarray, image_shape: tuple[int, int],
-               points: Optional[np.ndarray] = None, point_labels: Optional[np.ndarray] = None) -> Future:
+               points: Optional[np.ndarray] = None, point_labels: Optional[np.ndarray] = None,
+               owner: str = "") -> Future:
         """Future of (N, H, W) float32 probabilities; arguments as ``PromptableModel.decode``."""
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         if points is not None:
@@ -127,65 +146,110 @@ class ModelWorker:
                             else np.asarray(point_labels, dtype=np.int64).reshape(points.shape[:2]))
         item = _Decode(np.asarray(embeddings, dtype=np.float32), boxes, tuple(int(s) for s in image_shape),
                        points, point_labels)
-        self._submit(PRIORITY_DECODE, item)
+        self._submit(PRIORITY_DECODE, item, owner)
         return item.future
 
     def embed(self, keys: Sequence[SliceKey], view_slice: ViewSlice, priority: int = PRIORITY_SEGMENT,
               progress: Optional[Callable[[int], None]] = None, should_stop: Optional[Callable[[], bool]] = None,
-              keep: bool = True) -> Future:
-        """Future of ``embeddings.embed_steps``' result for ``keys``, run here a chunk at a time at ``priority``."""
-        item = _Embed(embed_steps(self._encoder, self.cache, keys, view_slice, progress, should_stop, keep))
-        self._submit(priority, item)
+              keep: bool = True, owner: str = "") -> Future:
+        """Future of ``embeddings.embed_steps``' result for ``keys``, run here a chunk at a time at ``priority``.
+
+        Cancel the future to drop the work. At ``PRIORITY_SEGMENT`` the owner's waiting slices are
+        limited: Busy when this request would take them past ``max_waiting_slices``.
+        """
+        item = _Embed(embed_steps(self._encoder, self.cache, keys, view_slice, progress, should_stop, keep),
+                      owner=owner)
+        if priority == PRIORITY_SEGMENT:
+            with self._condition:
+                waiting = self._waiting.get(owner, 0)
+                if waiting + len(keys) > self.max_waiting_slices:
+                    raise Busy(f"{waiting} slices of yours already wait for the encoder and the limit is "
+                               f"{self.max_waiting_slices}: wait for their answers (or cancel the requests you gave "
+                               "up on) before asking for more")
+                self._waiting[owner] = waiting + len(keys)
+                item.waiting = len(keys)
+        self._submit(priority, item, owner)
         return item.future
 
     def stats(self) -> dict:
         with self._condition:
-            return {**self._stats, "queued": len(self._queue), "encode_chunk": self.encode_chunk}
+            return {**self._stats, "queued": self._queued(), "encode_chunk": self.encode_chunk}
 
-    def _submit(self, priority: int, item) -> None:
+    def _queued(self) -> int:
+        return sum(len(queue) for owners in self._queues.values() for queue in owners.values())
+
+    def _submit(self, priority: int, item, owner: str) -> None:
         with self._condition:
             if self._stopping:
+                self._release(item)
                 item.future.set_exception(Cancelled("the server is shutting down"))
                 return
-            heapq.heappush(self._queue, (priority, next(self._order), item))
-            self._condition.notify()
+            self._queues[priority].setdefault(owner, deque()).append(item)
+            self._condition.notify_all()  # two threads wait: the one for this kind of work must wake
+
+    def _release(self, item) -> None:
+        """Under the lock: an embedding request leaves the queue for good; its slices stop counting."""
+        if getattr(item, "waiting", 0):
+            left = self._waiting.pop(item.owner, 0) - item.waiting
+            if left > 0:
+                self._waiting[item.owner] = left
+            item.waiting = 0
+
+    def _take(self, priority: int) -> tuple[str, object]:
+        """Under the lock: the first owner's oldest request at ``priority``; that owner goes to the back."""
+        owners = self._queues[priority]
+        owner, queue = next(iter(owners.items()))
+        item = queue.popleft()
+        if queue:
+            owners.move_to_end(owner)
+        else:
+            del owners[owner]
+        return owner, item
 
     # ------------------------------------------------------------ the loop
 
-    def _next(self) -> tuple[list[_Decode], Optional[tuple]]:
-        """Under the lock: all pending decodes (up to a batch), else the most urgent embedding request."""
-        if self._queue[0][0] != PRIORITY_DECODE:
-            return [], heapq.heappop(self._queue)
+    def _has_work(self, decoding: bool) -> bool:
+        return bool(self._queues[PRIORITY_DECODE]) if decoding else any(self._queues[p] for p in PRIORITIES[1:])
+
+    def _next(self, decoding: bool) -> tuple[list[_Decode], Optional[tuple]]:
+        """Under the lock: pending decodes (up to a batch, owners in turn), or the most urgent embedding step."""
         batch, prompts = [], 0
-        while self._queue and self._queue[0][0] == PRIORITY_DECODE and prompts < self.max_decode_batch:
-            item = heapq.heappop(self._queue)[2]
-            batch.append(item)
-            prompts += len(item.boxes)
+        while decoding and self._queues[PRIORITY_DECODE] and prompts < self.max_decode_batch:
+            _, item = self._take(PRIORITY_DECODE)
+            if item.future.set_running_or_notify_cancel():  # False: cancelled, its client is gone
+                batch.append(item)
+                prompts += len(item.boxes)
+        for priority in () if decoding else PRIORITIES[1:]:
+            if self._queues[priority]:
+                owner, item = self._take(priority)
+                return [], (priority, owner, item)
         return batch, None
 
-    def _run(self) -> None:
+    def _run(self, decoding: bool) -> None:
         while True:
             with self._condition:
-                while not self._queue and not self._stopping:
+                while not self._has_work(decoding) and not self._stopping:
                     self._condition.wait()
                 if self._stopping:
-                    pending, self._queue = self._queue, []
+                    pending = [item for owners in self._queues.values() for queue in owners.values()
+                               for item in queue]
+                    self._queues = {p: OrderedDict() for p in PRIORITIES}
                     break
-                batch, entry = self._next()
+                batch, entry = self._next(decoding)
             try:
                 if batch:
                     self._decode(batch)
-                else:
+                elif entry is not None:
                     self._embed_step(*entry)
             except Exception as err:  # noqa: BLE001 - the worker must outlive any one request
                 if not isinstance(err, Cancelled):
                     log.exception("model worker step failed")
                 for item in batch or [entry[2]]:
-                    if not item.future.done():
-                        item.future.set_exception(err)
-        for _, _, item in pending:
-            if not item.future.done():
-                item.future.set_exception(Cancelled("the server is shutting down"))
+                    with self._condition:
+                        self._release(item)
+                    _settle(item.future, error=err)
+        for item in pending:
+            _settle(item.future, error=Cancelled("the server is shutting down"))
 
     def _decode(self, items: list[_Decode]) -> None:
         groups: dict[tuple, list[_Decode]] = {}
@@ -205,23 +269,40 @@ class ModelWorker:
                 continue
             start = 0
             for item in group:
-                item.future.set_result(probabilities[start:start + len(item.boxes)])
+                _settle(item.future, probabilities[start:start + len(item.boxes)])
                 start += len(item.boxes)
             with self._condition:
                 self._stats["decode_calls"] += 1
                 self._stats["decoded_prompts"] += len(probabilities)
                 self._stats["largest_decode_batch"] = max(self._stats["largest_decode_batch"], len(probabilities))
 
-    def _embed_step(self, priority: int, order: int, item: _Embed) -> None:
+    def _embed_step(self, priority: int, owner: str, item: _Embed) -> None:
+        if item.future.cancelled():  # its client went away: no more steps
+            item.steps.close()
+            with self._condition:
+                self._release(item)
+            return
         try:
             next(item.steps)
         except StopIteration as done:
             with self._condition:
                 self._stats["cache_reused_slices"] += done.value[1]
-            item.future.set_result(done.value)
+                self._release(item)
+            _settle(item.future, done.value)
             return
-        with self._condition:  # back in line at its old place: FIFO within a priority
-            heapq.heappush(self._queue, (priority, order, item))
+        with self._condition:  # first in its owner's line again, the owner behind the others
+            self._queues[priority].setdefault(owner, deque()).appendleft(item)
+
+
+def _settle(future: Future, result: Any = None, error: Optional[BaseException] = None) -> None:
+    """Set a future's outcome unless it was cancelled meanwhile (by a client that went away)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
 
 
 def _joined(group: list[_Decode], name: str) -> Optional[np.ndarray]:
@@ -240,11 +321,12 @@ class WorkerModel:
     """
 
     def __init__(self, worker: ModelWorker, priority: int = PRIORITY_SEGMENT,
-                 should_stop: Optional[Callable[[], bool]] = None):
+                 should_stop: Optional[Callable[[], bool]] = None, owner: str = ""):
         self.worker = worker
         self.name = worker.model.name
         self.priority = priority
         self.should_stop = should_stop
+        self.owner = owner  # whose turn the work takes (round robin between owners)
 
     @property
     def device(self) -> str:
@@ -266,9 +348,9 @@ class WorkerModel:
             raise ValueError("a WorkerModel embeds into its worker's cache")
         stops = [f for f in (should_stop, self.should_stop) if f is not None]
         return self.worker.embed(keys, view_slice, self.priority, progress,
-                                 (lambda: any(f() for f in stops)) if stops else None, keep).result()
+                                 (lambda: any(f() for f in stops)) if stops else None, keep, self.owner).result()
 
     def decode(self, embeddings: np.ndarray, boxes: np.ndarray, image_shape: tuple[int, int],
                points: Optional[np.ndarray] = None, point_labels: Optional[np.ndarray] = None) -> np.ndarray:
         """As ``PromptableModel.decode``: (N, H, W) float32 probabilities, batched with other requests."""
-        return self.worker.decode(embeddings, boxes, image_shape, points, point_labels).result()
+        return self.worker.decode(embeddings, boxes, image_shape, points, point_labels, self.owner).result()

@@ -49,13 +49,12 @@ def run(args: argparse.Namespace) -> int:
 
     from ..annotate import annotate
     from ..io.images import read_image
-    from ..io.labels import read_labels, segment_colour, write_labels
+    from ..io.labels import check_output, read_labels, segment_colour, write_labels
     from ..models import load_model
     from ..prompts import parse_prompts
 
     output: Path = args.output
-    if output.exists() and not args.force:
-        raise InputError(f"{output} exists; pass --force to replace it")
+    check_output(output, args.image, replace=args.force)  # before minutes of work, not after
     try:
         document = json.loads(args.prompts.read_text())
     except FileNotFoundError:
@@ -75,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         result = annotate(volume.array, volume.direction, prompts, model, options=options, existing=existing,
                           progress=progress_bar(bar))
     segments = [(s.name, s.label, segment_colour(n)) for n, s in enumerate(prompts.segments)]
-    write_labels(output, result.labels, volume, segments, input_path=args.image)
+    write_labels(output, result.labels, volume, segments, input_path=args.image, replace=args.force)
     summary = {"output": str(output), "model": args.model, "backend": args.backend, "device": model.device,
                **result.summary()}
     summary["notes"] = volume.notes + summary["notes"]

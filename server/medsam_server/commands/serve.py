@@ -46,6 +46,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--idle-minutes", type=float, default=60.0,
                         help="a session unused this long is dropped (default 60)")
     parser.add_argument("--max-sessions", type=int, default=16, help="sessions held at once (default 16)")
+    parser.add_argument("--max-sessions-per-token", type=int, metavar="N",
+                        help="sessions one token may hold (default: half of --max-sessions with several tokens)")
+    parser.add_argument("--share-cache", action="store_true",
+                        help="let tokens reuse each other's embeddings (by default each token has its own, so that "
+                             "no user can learn by timing which scans another opened)")
     parser.add_argument("--watch-pid", type=int, metavar="PID",
                         help="exit by itself once process PID has ended (e.g. the Slicer that started it)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -127,22 +132,27 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..app import Settings, build_app
+    from ..connections import LoopbackHostOnly, uvicorn_options
     from ..models import load_model
 
     settings = Settings(host=args.host, port=args.port, model=args.model, checkpoint=args.checkpoint,
                         backend=args.backend, device=args.device, tokens=read_tokens(args.token_file),
                         cache_gb=args.cache_gb, cache_fp16=args.cache_fp16, max_upload_mb=args.max_upload_mb,
-                        session_idle_seconds=args.idle_minutes * 60.0, max_sessions=args.max_sessions)
+                        session_idle_seconds=args.idle_minutes * 60.0, max_sessions=args.max_sessions,
+                        max_sessions_per_token=args.max_sessions_per_token, share_cache=args.share_cache)
     settings.validate()  # refuse an exposed bind before spending time on the model
     if args.watch_pid is not None and not process_alive(args.watch_pid):
         raise InputError(f"--watch-pid {args.watch_pid}: no such process")
     # Load here, not at app start-up, so that a bad checkpoint or device is a one-line error (exit 2).
     model = load_model(settings.model, settings.checkpoint, settings.device, settings.backend)
     app = build_app(settings, model=model)
+    if not settings.tokens:  # a web page in the user's browser must not reach it through DNS rebinding
+        app = LoopbackHostOnly(app)
     auth = f"{len(settings.tokens)} token(s)" if settings.tokens else "no token (loopback only)"
     print(f"medsam serve: {model.name} on {model.device}, http://{args.host}:{args.port}, {auth}", file=sys.stderr)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
-                                           server_header=False, proxy_headers=False, timeout_graceful_shutdown=5))
+                                           server_header=False, proxy_headers=False, timeout_graceful_shutdown=5,
+                                           **uvicorn_options()))
     if args.watch_pid is not None:
         watch_process(args.watch_pid, lambda: setattr(server, "should_exit", True))
     server.run()

@@ -260,6 +260,34 @@ def _check_segments(labels: np.ndarray, segments: Sequence[tuple[str, int, tuple
         raise InputError(f"labels {unnamed} appear in the label array but in no segment")
 
 
+def check_output(path: PathLike, input_path: Optional[PathLike] = None, replace: bool = True) -> str:
+    """Refuse an output path before any work is done for it; returns its kind (its suffix)."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"output {path} is a folder; give a file name ending in {', '.join(OUTPUT_SUFFIXES)}")
+    kind = _output_suffix(path)
+    if input_path is not None and (_same_file(path, Path(input_path))
+                                   or path.resolve() == Path(input_path).resolve()):
+        raise InputError(f"refusing to write the labels over the input image {input_path}")
+    if not replace and os.path.lexists(path):
+        raise InputError(f"{path} exists; pass --force to replace it")
+    return kind
+
+
+def _publish(tmp: Path, path: Path, replace: bool) -> None:
+    """Give the finished ``tmp`` its name: a rename, or (``replace=False``) a link that fails if ``path`` exists."""
+    if replace:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: claim the name exclusively, then fill it
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        os.replace(tmp, path)
+
+
 def _output_suffix(path: Path) -> str:
     ending = suffix(path)
     if ending not in OUTPUT_SUFFIXES:
@@ -296,6 +324,7 @@ def write_labels(
     segments: Sequence[tuple[str, int, tuple[float, float, float]]],
     *,
     input_path: Optional[PathLike] = None,
+    replace: bool = True,
 ) -> Path:
     """Write (k, j, i) integer ``labels`` on ``reference``'s grid to ``path``; return the path written.
 
@@ -305,16 +334,13 @@ def write_labels(
     the reference's origin, spacing and direction (a PNG has none). ``input_path``, when given, is
     the image the labels came from: writing over it is refused. Everything is checked before the
     first byte is written; the file appears only once complete (temporary name, then rename).
+    With ``replace=False`` an existing ``path`` is an error, even one that appeared while the
+    labels were computed: the finished file is linked in place, which never replaces.
     """
     from . import segnrrd
 
     path = Path(path)
-    if path.is_dir():
-        raise InputError(f"output {path} is a folder; give a file name ending in {', '.join(OUTPUT_SUFFIXES)}")
-    kind = _output_suffix(path)
-    if input_path is not None and (_same_file(path, Path(input_path))
-                                   or path.resolve() == Path(input_path).resolve()):
-        raise InputError(f"refusing to write the labels over the input image {input_path}")
+    kind = check_output(path, input_path, replace)
     labels = np.asarray(labels)
     expected = reference.array.shape[:3]
     if labels.shape != expected:
@@ -341,7 +367,10 @@ def write_labels(
             _write_png(tmp, labels)
         else:
             _write_labelmap(tmp, labels, reference)
-        os.replace(tmp, path)
+        _publish(tmp, path, replace)
+    except FileExistsError:
+        raise InputError(f"{path} appeared while the labels were computed; it was kept as it is. Pass --force to "
+                         "replace it, or choose another output") from None
     except OSError as err:
         raise InputError(f"cannot write {path}: {err.strerror or err}") from None
     except RuntimeError as err:
