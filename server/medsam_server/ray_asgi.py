@@ -14,8 +14,8 @@ Headers = list[tuple[bytes, bytes]]
 
 
 class InProcessApp:
-    def __init__(self, app: Callable):
-        self.app = app
+    def __init__(self, app: Callable, server: tuple[str, int]):
+        self.app, self.server = app, server  # server: the address clients reach (the app may check Host against it)
         self.state: dict[str, Any] = {}  # lifespan state, handed to every request as the ASGI spec says
         self._lifespan: asyncio.Task | None = None
         self._inbox: asyncio.Queue = asyncio.Queue()
@@ -40,7 +40,7 @@ class InProcessApp:
                       body: bytes) -> tuple[int, Headers, bytes]:
         scope = {"type": "http", "asgi": ASGI, "http_version": "1.1", "method": method, "scheme": "http",
                  "path": path, "raw_path": path.encode("utf-8"), "query_string": query, "root_path": "",
-                 "headers": headers, "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0),
+                 "headers": headers, "client": ("127.0.0.1", 0), "server": self.server,
                  "state": dict(self.state)}
         delivered = False
         never = asyncio.Event()

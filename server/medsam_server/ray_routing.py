@@ -19,7 +19,6 @@ class ScaleOut:
     replicas: int = 2
     num_cpus: float = 1.0  # per replica; also its torch threads
     num_gpus: float = 0.0  # per replica: 1 gives each its own GPU where there are several
-    max_sessions_per_token: Optional[int] = None  # None: any token may hold up to max_sessions
 
 
 @dataclass(frozen=True)
@@ -33,9 +32,12 @@ class Gate:
     max_body_bytes: int
 
     @classmethod
-    def of(cls, settings, scale: ScaleOut) -> Gate:
-        return cls(tuple(settings.tokens), settings.max_sessions, scale.max_sessions_per_token,
-                   settings.session_idle_seconds, settings.limits.max_body_bytes)
+    def of(cls, settings) -> Gate:
+        # the single-process server's own rule (app.Server.start), here counted over all replicas
+        several = len(settings.tokens) > 1
+        per_token = settings.max_sessions_per_token or (max(1, settings.max_sessions // 2) if several else None)
+        return cls(tuple(settings.tokens), settings.max_sessions, per_token, settings.session_idle_seconds,
+                   settings.limits.max_body_bytes)
 
 
 @dataclass

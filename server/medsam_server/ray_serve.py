@@ -60,11 +60,11 @@ Headers = list[tuple[bytes, bytes]]
 
 def server_app(settings):
     """The single-process server's ASGI app (loads its model at start-up)."""
-    try:
-        from .app import build_app
-    except ImportError:  # the layout before issue 12  TODO(E): drop once app.py is committed
-        from .api import create_app as build_app
-    return build_app(settings)
+    from .app import build_app
+    from .connections import LoopbackHostOnly
+
+    app = build_app(settings)
+    return app if settings.tokens else LoopbackHostOnly(app)  # as medsam serve: no DNS rebinding without a token
 
 
 QUIET = {"enable_access_log": False}  # a log line per request and hop costs more than the hop on a small machine
@@ -79,7 +79,7 @@ class ModelReplica:
 
         torch.set_num_threads(max(1, threads))
         self.index, self.incarnation = index, uuid.uuid4().hex
-        self.app = InProcessApp(server_app(settings))
+        self.app = InProcessApp(server_app(settings), (settings.host, settings.port))
         await self.app.start()
         log.info("replica %d ready (incarnation %s)", index, self.incarnation[:8])
 
@@ -273,12 +273,17 @@ class Ingress:
         infos = [json.loads(answer[2]) if answer is not None else None for answer in answers]
         merged = dict(next(info for info in infos if info is not None))  # a copy: infos stay per replica
         merged["sessions"] = sum(info["sessions"] for info in infos if info)
-        merged["cache"] = {k: sum(info["cache"][k] for info in infos if info) for k in merged["cache"]}
+        merged["cache"] = {k: sum(info["cache"][k] for info in infos if info) if _count(v) else v
+                           for k, v in merged["cache"].items()}  # with tokens, a replica shows only sizes
         merged["replicas"] = [{"replica": i, "alive": info is not None, "incarnation": self.router.incarnations[i],
                                **({k: info[k] for k in ("sessions", "cache", "worker", "device")} if info else {})}
                               for i, info in enumerate(infos)]
         merged["max_sessions_per_token"] = self.router.per_token
         return JSONResponse(merged)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _forgotten(answer: tuple, call) -> bool:
@@ -296,12 +301,12 @@ def application(settings, scale: ScaleOut) -> serve.Application:
                                                                           "num_gpus": scale.num_gpus})
         .bind(settings, i, int(scale.num_cpus) or 1)
         for i in range(scale.replicas)]
-    return Ingress.options(name="MedSAMIngress").bind(Gate.of(settings, scale), *replicas)
+    return Ingress.options(name="MedSAMIngress").bind(Gate.of(settings), *replicas)
 
 
 def build(args: dict[str, Any]) -> serve.Application:
     """``serve deploy`` entry point (``import_path: medsam_server.ray_serve:build``); ``args`` are
-    Settings fields plus ScaleOut fields (``replicas``, ``num_cpus``, ``num_gpus``, ``max_sessions_per_token``)."""
+    Settings fields plus ScaleOut fields (``replicas``, ``num_cpus``, ``num_gpus``)."""
     from .app import Settings
 
     scale_fields = {f.name for f in dataclasses.fields(ScaleOut)}
