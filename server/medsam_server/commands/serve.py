@@ -54,6 +54,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--watch-pid", type=int, metavar="PID",
                         help="exit by itself once process PID has ended (e.g. the Slicer that started it)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    parser.add_argument("--replicas", type=int, metavar="N",
+                        help="N model replicas on Ray Serve, each with its own worker and cache (and GPU where there "
+                             "are several); a session stays on its replica (needs the ray extra)")
+    parser.add_argument("--ray", metavar="ADDRESS",
+                        help="join the Ray cluster at ADDRESS (e.g. auto, or head-host:6379) instead of starting one")
     parser.set_defaults(func=run)
 
 
@@ -141,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
                         session_idle_seconds=args.idle_minutes * 60.0, max_sessions=args.max_sessions,
                         max_sessions_per_token=args.max_sessions_per_token, share_cache=args.share_cache)
     settings.validate()  # refuse an exposed bind before spending time on the model
+    if args.replicas is not None or args.ray:
+        return _run_on_ray(settings, args)
     if args.watch_pid is not None and not process_alive(args.watch_pid):
         raise InputError(f"--watch-pid {args.watch_pid}: no such process")
     # Load here, not at app start-up, so that a bad checkpoint or device is a one-line error (exit 2).
@@ -156,4 +163,18 @@ def run(args: argparse.Namespace) -> int:
     if args.watch_pid is not None:
         watch_process(args.watch_pid, lambda: setattr(server, "should_exit", True))
     server.run()
+    return 0
+
+
+def _run_on_ray(settings, args: argparse.Namespace) -> int:
+    """The same API on Ray Serve replicas (``ray_serve.py``); each replica loads its own model."""
+    if args.replicas is not None and args.replicas < 1:
+        raise InputError("--replicas must be at least 1")
+    try:
+        from .. import ray_serve
+    except ImportError as err:
+        raise InputError(str(err)) from None
+    print(f"medsam serve: {args.replicas or 1} replica(s) on Ray Serve, http://{args.host}:{args.port}",
+          file=sys.stderr)
+    ray_serve.run(settings, ray_serve.ScaleOut(replicas=args.replicas or 1), address=args.ray)
     return 0
