@@ -31,7 +31,6 @@ constants come from ``protocol``, the client's copy of the server's.
 from __future__ import annotations
 
 import http.client
-import io
 import json
 import math
 import socket
@@ -428,7 +427,7 @@ class MedSAMClient:
         if cancel is not None and body:
             headers["Content-Length"] = str(len(body))
         for attempt in range(self.retries + 1):
-            data = _CancellableBody(body, cancel) if cancel is not None and body else body
+            data = _cancellable_chunks(body, cancel) if cancel is not None and body else body
             request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
             try:
                 with self._opener.open(request, timeout=timeout or self.timeout) as response:
@@ -472,23 +471,16 @@ class MedSAMClient:
         return ServerError(status, message, code)
 
 
-class _CancellableBody(io.RawIOBase):
-    """A request body that http.client reads block by block, and that stops the request once ``cancel`` is set."""
+UPLOAD_CHUNK_BYTES = 64 << 10  # how often a cancellable upload looks at its flag (and takes the GIL)
 
-    def __init__(self, body: bytes, cancel: threading.Event):
-        super().__init__()
-        self._view, self._offset, self._cancel = memoryview(body), 0, cancel
 
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        if self._cancel.is_set():
+def _cancellable_chunks(body: bytes, cancel: threading.Event):
+    """A request body that http.client sends chunk by chunk, and that stops the request once ``cancel`` is set."""
+    view = memoryview(body)
+    for start in range(0, len(view), UPLOAD_CHUNK_BYTES):
+        if cancel.is_set():
             raise Cancelled("the upload was cancelled; the server keeps nothing of it")
-        end = len(self._view) if size is None or size < 0 else min(len(self._view), self._offset + size)
-        block = self._view[self._offset:end].tobytes()
-        self._offset = end
-        return block
+        yield view[start:start + UPLOAD_CHUNK_BYTES]
 
 
 def _path(route: str, session: Session, job: str = "") -> str:
