@@ -13,6 +13,7 @@ within about a second.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import stat
 import sys
@@ -160,9 +161,17 @@ def run(args: argparse.Namespace) -> int:
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
                                            server_header=False, proxy_headers=False, timeout_graceful_shutdown=5,
                                            **uvicorn_options()))
+    gone = threading.Event()
     if args.watch_pid is not None:
-        watch_process(args.watch_pid, lambda: setattr(server, "should_exit", True))
+        watch_process(args.watch_pid, lambda: (gone.set(), setattr(server, "should_exit", True)))
     server.run()
+    if gone.is_set():
+        # Shut down cleanly above (requests answered, jobs cancelled, worker stopped). Whoever started
+        # us is gone, so skip the interpreter's teardown, which takes seconds with torch loaded.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
