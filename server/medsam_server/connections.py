@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import resource
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -48,6 +47,10 @@ class ConnectionLimits:
 
 def raise_file_limit() -> int:
     """Raise this process's soft limit of open files to its hard limit; returns the soft limit now."""
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit on sockets
+        return 1 << 16
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
         target = 1 << 20 if hard == resource.RLIM_INFINITY else hard

@@ -484,3 +484,29 @@ def test_an_annotate_job_nobody_polls_any_more_is_cancelled():
     assert book.cancel_unwatched(now + UNWATCHED_JOB_SECONDS / 2) == 0
     assert book.cancel_unwatched(now + UNWATCHED_JOB_SECONDS + 1) == 1
     assert annotate.cancel.is_set() and not prefetch.cancel.is_set()  # a prefetch runs unwatched by design
+
+
+def test_a_line_logged_over_and_over_is_written_once_per_window():
+    """What an accept loop out of files would log once per attempt, through the filter ``medsam serve`` installs."""
+    import io
+    import logging
+
+    from medsam_server.connections import RepeatFilter
+
+    out = io.StringIO()
+    logger = logging.getLogger("medsam_server.test_repeat")
+    handler = logging.StreamHandler(out)
+    logger.addHandler(handler)
+    repeat = RepeatFilter(window=0.5)
+    logger.addFilter(repeat)
+    try:
+        for _ in range(10_000):
+            logger.error("socket.accept() out of system resource")
+        time.sleep(0.6)
+        logger.error("socket.accept() out of system resource")
+    finally:
+        logger.removeHandler(handler)
+        logger.removeFilter(repeat)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    assert "9999 more like it" in lines[1]
