@@ -280,3 +280,20 @@ def test_other_bad_input_exits_2(tmp_path, capsys, problem):
 def test_library_raises_input_error_for_shape_mismatch():
     with pytest.raises(InputError, match="differ in shape"):
         dice(np.zeros((2, 2, 2)), np.zeros((2, 2, 3)))
+
+
+def test_a_prediction_cropped_to_its_segments_is_scored_on_the_reference_grid(tmp_path, capsys):
+    """Slicer writes a .seg.nrrd cropped to its segments; the one reader (io/segnrrd.py) places it back."""
+    seg = slicerio.read_segmentation(CT_SEG)
+    voxels = np.asarray(seg["voxels"])  # (i, j, k)
+    present = np.argwhere(voxels > 0)
+    lo, hi = present.min(axis=0), present.max(axis=0) + 1
+    seg["voxels"] = np.ascontiguousarray(voxels[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])
+    seg["ijkToLPS"] = np.array(seg["ijkToLPS"], dtype=float)
+    seg["ijkToLPS"][:3, 3] += seg["ijkToLPS"][:3, :3] @ lo
+    cropped = tmp_path / "cropped.seg.nrrd"
+    slicerio.write_segmentation(str(cropped), seg)
+    assert tuple(seg["voxels"].shape) != (128, 128, 34)  # really a block
+    code, result, err = run_cli(capsys, "--pred", str(cropped), "--ref", CT_SEG, "--labels", "5", "6")
+    assert code == 0, err
+    assert [(row["label"], row["dsc"], row["nsd"]) for row in result["cases"]] == [(5, 1.0, 1.0), (6, 1.0, 1.0)]
