@@ -30,7 +30,18 @@ from slicer.util import VTKObservationMixin
 
 import MedSAMSlicerLib
 from MedSAMSlicerLib import client as medsam_client
-from MedSAMSlicerLib import errors, geometry, install, keyframes, local_server, protocol, run, segments, timing
+from MedSAMSlicerLib import (
+    errors,
+    geometry,
+    install,
+    keyframes,
+    local_server,
+    protocol,
+    reference,
+    run,
+    segments,
+    timing,
+)
 
 SETTINGS = "MedSAMSlicer/"
 ADD_BOX_SHORTCUT = "Ctrl+B"
@@ -864,8 +875,8 @@ class MedSAMSlicerTest(ScriptedLoadableModuleTest):
         volumeNode = SampleData.downloadSample("CTChest")
         self.assertIsNotNone(volumeNode)
         volume = geometry.volume_array(volumeNode)
-        lung = thresholdedRightLung(volume.array, volume.ijk_to_world)
-        keyframeSlices = keyframeSlicesOf(lung, self.KEYFRAMES)
+        lung = reference.thresholded_right_lung(volume.array, volume.ijk_to_world)
+        keyframeSlices = reference.keyframe_slices(lung, self.KEYFRAMES)
         self.assertEqual(len(keyframeSlices), self.KEYFRAMES, "the thresholded right lung should span many slices")
         return volumeNode, volume, lung, keyframeSlices
 
@@ -918,56 +929,11 @@ class MedSAMSlicerTest(ScriptedLoadableModuleTest):
 
         mask = segments.segment_array(segmentationNode, segmentId, volumeNode).astype(bool)
         first, last = keyframeSlices[0], keyframeSlices[-1]
-        reference = lung[first:last + 1]
+        expected = lung[first:last + 1]
         found = mask[first:last + 1]
-        dice = 2.0 * np.logical_and(found, reference).sum() / (found.sum() + reference.sum())
+        dice = 2.0 * np.logical_and(found, expected).sum() / (found.sum() + expected.sum())
         self.delayDisplay(f"Dice {dice:.3f} over slices {first}..{last} in {result.seconds:.1f} s")
         self.assertGreaterEqual(dice, self.MIN_DICE)
         self.assertTrue(applied.changed_slices and first <= applied.changed_slices[0] <= applied.changed_slices[-1]
                         <= last)
         self.assertFalse(mask[:first].any() or mask[last + 1:].any(), "nothing outside the keyframe range")
-
-
-def thresholdedRightLung(array: np.ndarray, ijkToWorld: np.ndarray) -> np.ndarray:
-    """The patient's right lung of a chest CT (k, j, i) by thresholding, a test reference: per slice, air
-    (< -400 HU) inside the body (> -500 HU, closed and filled) on the right side (RAS x beyond the body's
-    middle), the largest 2D component with holes filled. On CTChest4 it matches the expert's right lung
-    (Dice 0.98; checked headless in Testing/Python/test_self_test_reference.py)."""
-    import SimpleITK as sitk
-
-    out = np.zeros(array.shape, dtype=bool)
-    nk, nj, ni = array.shape
-    jj, ii = np.mgrid[0:nj, 0:ni]
-    for k in range(nk):
-        plane = array[k]
-        # closing first: at low resolution the skin ring has gaps that would let the lungs leak outside
-        body = sitk.GetArrayFromImage(sitk.BinaryFillhole(sitk.BinaryMorphologicalClosing(
-            sitk.GetImageFromArray((plane > -500).astype(np.uint8)), [2, 2])))
-        if body.sum() < 100:
-            continue
-        x = ijkToWorld[0, 0] * ii + ijkToWorld[0, 1] * jj + ijkToWorld[0, 2] * k + ijkToWorld[0, 3]
-        middle = 0.5 * (x[body > 0].min() + x[body > 0].max())
-        air = (plane < -400) & (body > 0) & (x > middle)
-        components = sitk.GetArrayFromImage(sitk.RelabelComponent(sitk.ConnectedComponent(
-            sitk.GetImageFromArray(air.astype(np.uint8))), minimumObjectSize=30))
-        if components.max() == 0:
-            continue
-        largest = sitk.BinaryFillhole(sitk.GetImageFromArray((components == 1).astype(np.uint8)))
-        out[k] = sitk.GetArrayFromImage(largest) > 0
-    return out
-
-
-def keyframeSlicesOf(mask: np.ndarray, count: int) -> list[int]:
-    """``count`` slices spread over the longest run of slices where the mask has at least a quarter of its
-    largest area (so that stray specks at the ends do not count)."""
-    area = mask.reshape(mask.shape[0], -1).sum(axis=1)
-    good = area >= 0.25 * area.max()
-    runs, start = [], None
-    for k, flag in enumerate(list(good) + [False]):
-        if flag and start is None:
-            start = k
-        elif not flag and start is not None:
-            runs.append((k - start, start, k - 1))
-            start = None
-    _, first, last = max(runs)
-    return sorted({int(round(v)) for v in np.linspace(first, last, count)})
