@@ -399,38 +399,24 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.keyframeCountLabel.text = ""
             self._updateButtons()
             return
-        rois, lines = keyframes.keyframe_nodes(segmentationNode, segmentId)
-        rows = []
-        volume = axis = None
-        if volumeNode is not None and volumeNode.GetImageData() is not None:
-            try:
-                volume = geometry.volume_array(volumeNode, copy=False)
-                axis = keyframes.slicing_axis(volume, rois, lines)
-            except errors.InputError:
-                volume = None
-        for node in rois + lines:
-            sliceText, promptText, problem = "?", "", ""
-            try:
-                if volume is not None and node.IsA("vtkMRMLMarkupsROINode"):
-                    keyframe = keyframes.roi_keyframe(node, volume, axis)
-                    sliceText, promptText = str(keyframe.slice), "box {} {} - {} {}".format(*keyframe.box)
-                elif volume is not None:
-                    keyframe = keyframes.line_keyframe(node, volume, axis)
-                    sliceText, promptText = str(keyframe.slice), "line"
-            except errors.InputError as error:
-                problem = str(error)
-            rows.append((int(sliceText) if sliceText.isdigit() else 10**9, sliceText, promptText, node, problem))
-        for _, sliceText, promptText, node, problem in sorted(rows, key=lambda r: (r[0], r[3].GetName())):
-            row = table.rowCount
-            table.insertRow(row)
-            for column, text in enumerate((sliceText, promptText, node.GetName())):
+        try:
+            hasVoxels = volumeNode is not None and volumeNode.GetImageData() is not None
+            volume = geometry.volume_array(volumeNode, copy=False) if hasVoxels else None
+        except errors.InputError:  # a volume MedSAM cannot read; Segment says why
+            volume = None
+        rows = keyframes.table_rows(volume, *keyframes.keyframe_nodes(segmentationNode, segmentId))
+        for row in rows:
+            position = table.rowCount
+            table.insertRow(position)
+            texts = ("?" if row.slice is None else str(row.slice), row.prompt, row.node.GetName())
+            for column, text in enumerate(texts):
                 item = qt.QTableWidgetItem(text)
-                item.setData(qt.Qt.UserRole, node.GetID())
-                if problem:
-                    item.setToolTip(problem)
+                item.setData(qt.Qt.UserRole, row.node.GetID())
+                if row.problem:
+                    item.setToolTip(row.problem)
                     item.setForeground(qt.QBrush(qt.QColor("red")))
-                table.setItem(row, column, item)
-        count = len({r[1] for r in rows})
+                table.setItem(position, column, item)
+        count = len({row.slice for row in rows if not row.problem})
         self.ui.keyframeCountLabel.text = f"{count} keyframe{'s' if count != 1 else ''}"
         self._updateButtons()
 

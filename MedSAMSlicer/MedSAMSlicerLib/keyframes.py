@@ -385,6 +385,40 @@ def keyframe_nodes(segmentation_node, segment_id: str) -> tuple[list, list]:
     return found["vtkMRMLMarkupsROINode"], found["vtkMRMLMarkupsLineNode"]
 
 
+@dataclass(frozen=True)
+class TableRow:
+    """One line of the panel's keyframe table: the slice (None when unknown), what the prompt is, its problem."""
+
+    slice: int | None
+    prompt: str
+    node: Any
+    problem: str = ""
+
+
+def table_rows(volume: VolumeArray | None, roi_nodes: Sequence, line_nodes: Sequence) -> list[TableRow]:
+    """The keyframe table of a segment, by slice: each markup read as ``prepare_run`` will read it, or why not."""
+    nodes = [*roi_nodes, *line_nodes]
+    if volume is None:
+        return [TableRow(None, "", node, "select the volume first") for node in nodes]
+    try:
+        axis, shared = slicing_axis(volume, roi_nodes, line_nodes), ""
+    except InputError as error:  # e.g. an oblique view or mixed orientations: every row says so
+        axis, shared = None, str(error)
+    rows = []
+    for node in nodes:
+        try:
+            if shared:
+                raise InputError(shared)
+            if node.IsA("vtkMRMLMarkupsROINode"):
+                box = roi_keyframe(node, volume, axis)
+                rows.append(TableRow(box.slice, "box {} {} - {} {}".format(*box.box), node))
+            else:
+                rows.append(TableRow(line_keyframe(node, volume, axis).slice, "line", node))
+        except InputError as error:
+            rows.append(TableRow(None, "", node, str(error)))
+    return sorted(rows, key=lambda row: (row.slice is None, row.slice or 0, node_name(row.node)))
+
+
 def finish_placement(markups_node, volume: VolumeArray) -> tuple[BoxKeyframe | LineKeyframe | None, str]:
     """After the user stops drawing a keyframe: (keyframe, status text).
 

@@ -203,3 +203,17 @@ def test_observer_follows_moved_points_while_started(scene):
     old.SetNthControlPointPositionWorld(1, 9.0, 0.0, 0.0)
     scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "unseen")
     assert calls == [] and not observer.started
+
+
+def test_the_keyframe_table_reads_markups_as_the_run_will_and_says_what_is_wrong(scene, views):
+    volume_node = _volume(scene)
+    volume = geometry.volume_array(volume_node, copy=False)
+    late = draw_box(scene, views, "Red", *_corners(volume_node, 2, 15, (10, 12, 40, 41)), name="late")
+    early = draw_box(scene, views, "Red", *_corners(volume_node, 2, 4, (11, 13, 42, 44)), name="early")
+    rows = keyframes.table_rows(volume, [late, early], [])
+    assert [(row.slice, row.prompt, row.node.GetName(), row.problem) for row in rows] == [
+        (4, "box 11 13 - 42 44", "early", ""), (15, "box 10 12 - 40 41", "late", "")]
+    sagittal = draw_box(scene, views, "Yellow", *_corners(volume_node, 0, 30, (5, 5, 20, 15)), name="sagittal")
+    rows = keyframes.table_rows(volume, [late, early, sagittal], [])
+    assert all(row.slice is None and "different slice orientations" in row.problem for row in rows)
+    assert all(row.problem == "select the volume first" for row in keyframes.table_rows(None, [late], []))
