@@ -486,7 +486,7 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.serverStatusLabel.text = "Connecting..."
         try:
             if self._local():
-                if install.install_reason(install.server_source(moduleDir(), settingsValue("ServerSource", ""))):
+                if install.plan(moduleDir(), settingsValue("ServerSource", ""))[1]:
                     raise install.InstallError("The local server is not installed yet; press Segment to install it.")
                 url, token = self._startLocalServer()
             else:
@@ -519,8 +519,7 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         problem = install.local_mode_problem()
         if problem:
             raise install.InstallError(problem)
-        source = install.server_source(moduleDir(), settingsValue("ServerSource", ""))
-        reason = install.install_reason(source)
+        source, reason = install.plan(moduleDir(), settingsValue("ServerSource", ""))
         if not reason:
             return True
         detail = (f"From: {source} (the server package this extension carries)\n"
@@ -840,8 +839,8 @@ class MedSAMSlicerTest(ScriptedLoadableModuleTest):
     def _serverOrSkip(self):
         """Skip (loudly, never as a pass) where no local server runs; MEDSAM_SLICER_TEST_INSTALL=1 installs it."""
         problem = install.local_mode_problem()
-        source = install.server_source(moduleDir(), os.environ.get("MEDSAM_SLICER_SERVER_SOURCE", ""))
-        reason = problem or install.install_reason(source)
+        source, reason = (None, problem) if problem else install.plan(moduleDir(),
+                                                                      os.environ.get("MEDSAM_SLICER_SERVER_SOURCE", ""))
         if reason and not problem and os.environ.get("MEDSAM_SLICER_TEST_INSTALL") == "1":
             installTorch()
             log = os.path.join(slicer.app.temporaryPath, "MedSAMSlicer-install.log")

@@ -141,6 +141,21 @@ def install_reason(source: str) -> str:
     return ""
 
 
+def plan(module_dir: str, developer_folder: str = "") -> tuple[str | None, str]:
+    """(source folder, why it must be installed now); the reason is "" when the installed server will do.
+
+    Without a server folder to install from (a checkout used as a module path, no ServerSource setting),
+    an installed server is used as it is; with neither, InstallError says what to set.
+    """
+    try:
+        source = server_source(module_dir, developer_folder)
+    except InstallError:
+        if installed_version() is not None and importlib.util.find_spec(PACKAGE) is not None:
+            return None, ""
+        raise
+    return source, install_reason(source)
+
+
 def constraints_text() -> str:
     return "\n".join(PINS) + "\n"
 

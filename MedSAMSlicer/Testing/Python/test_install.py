@@ -85,6 +85,11 @@ def test_server_source_names_what_is_missing(tmp_path):
     assert install.server_source(str(tmp_path), developer_folder=SERVER_DIR) == SERVER_DIR
 
 
+def test_plan_uses_an_installed_server_when_there_is_nothing_to_install_from(tmp_path):
+    assert install.plan(str(tmp_path)) == (None, "")  # this venv has the server; no MedSAMServer/ folder here
+    assert install.plan(str(tmp_path), developer_folder=SERVER_DIR) == (SERVER_DIR, "")
+
+
 def test_a_newer_bundled_server_is_installed_over_an_older_one(tmp_path):
     newer = tmp_path / "newer"
     newer.mkdir()
