@@ -839,8 +839,11 @@ class MedSAMSlicerTest(ScriptedLoadableModuleTest):
     def _serverOrSkip(self):
         """Skip (loudly, never as a pass) where no local server runs; MEDSAM_SLICER_TEST_INSTALL=1 installs it."""
         problem = install.local_mode_problem()
-        source, reason = (None, problem) if problem else install.plan(moduleDir(),
-                                                                      os.environ.get("MEDSAM_SLICER_SERVER_SOURCE", ""))
+        try:
+            source, reason = (None, problem) if problem else install.plan(
+                moduleDir(), os.environ.get("MEDSAM_SLICER_SERVER_SOURCE", ""))
+        except install.InstallError as error:  # nothing installed and nothing to install from
+            source, reason, problem = None, str(error), str(error)
         if reason and not problem and os.environ.get("MEDSAM_SLICER_TEST_INSTALL") == "1":
             installTorch()
             log = os.path.join(slicer.app.temporaryPath, "MedSAMSlicer-install.log")
