@@ -150,7 +150,7 @@ def embed_steps(model: Any, cache: EmbeddingCache, keys: Sequence[SliceKey], vie
         while position < len(missing) and len(batch) < step:
             n = missing[position]
             position += 1
-            if _take(cache, keys[n], out, n):  # stored meanwhile (a prefetch, another request)
+            if keys[n] in cache and _take(cache, keys[n], out, n):  # stored meanwhile (a prefetch, a request)
                 hits += 1
             else:
                 batch.append(n)
