@@ -24,7 +24,6 @@ import heapq
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -36,7 +35,6 @@ REPO = Path(__file__).resolve().parent.parent
 RIGHT_LUNG, LEFT_LUNG = 5, 6
 FIRST_SLICE = 7  # CTChest4's slices 7..33 show both lungs
 WINDOW = "ct-lung"
-TOKENS = tuple(f"reader-{n}-" + "r" * 24 for n in range(8))
 
 
 def load_client():
@@ -92,7 +90,7 @@ def readers(client_module, url: str, count: int, slices: int, scan) -> tuple[flo
     def one(n: int) -> None:
         slab = slice(FIRST_SLICE + n * slices, FIRST_SLICE + (n + 1) * slices)
         try:
-            reader(client_module.MedSAMClient(url, token=TOKENS[n]), np.ascontiguousarray(volume[slab]),
+            reader(client_module.MedSAMClient(url), np.ascontiguousarray(volume[slab]),
                    labels[slab], direction, cached)
         except BaseException as err:  # reported below: a failed reader voids the measurement
             errors.append(err)
@@ -109,9 +107,9 @@ def readers(client_module, url: str, count: int, slices: int, scan) -> tuple[flo
 
 
 @contextmanager
-def one_process(port: int, token_file: str):
+def one_process(port: int):
     command = [sys.executable, "-m", "medsam_server.cli", "serve", "--port", str(port), "--device", "cpu",
-               "--token-file", token_file, "--log-level", "warning"]
+               "--log-level", "warning"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         yield f"http://127.0.0.1:{port}"
@@ -121,13 +119,13 @@ def one_process(port: int, token_file: str):
 
 
 @contextmanager
-def ray_replicas(replicas: int, cpus_each: float):
+def ray_replicas(replicas: int, cpus_each: float, port: int):
     from ray import serve
 
     from medsam_server.app import Settings
     from medsam_server.ray_serve import APP_NAME, ScaleOut, application
 
-    settings = Settings(tokens=TOKENS, device="cpu")
+    settings = Settings(device="cpu", port=port)  # no token (loopback): /info shows every replica's cache
     serve.run(application(settings, ScaleOut(replicas=replicas, num_cpus=cpus_each)), name=APP_NAME,
               route_prefix="/")
     try:
@@ -137,7 +135,7 @@ def ray_replicas(replicas: int, cpus_each: float):
 
 
 def wait_ready(client_module, url: str) -> None:
-    client = client_module.MedSAMClient(url, token=TOKENS[0], retries=0)
+    client = client_module.MedSAMClient(url, retries=0)
     deadline = time.monotonic() + 180
     while True:
         try:
@@ -282,25 +280,18 @@ def main() -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": ray_port})
     ray_url = f"http://127.0.0.1:{ray_port}"
     results: dict[str, tuple[float, list[float]]] = {}
-    with tempfile.TemporaryDirectory() as folder:
-        token_file = os.path.join(folder, "tokens")
-        with open(token_file, "w") as handle:
-            handle.write("\n".join(TOKENS) + "\n")
-        os.chmod(token_file, 0o600)
-        with one_process(ray_port + 1, token_file) as url:
-            wait_ready(client_module, url)
-            results["1 process, 1 reader"] = readers(client_module, url, 1, args.slices, scan)
-            results[f"1 process, {args.readers} readers"] = readers(client_module, url, args.readers, args.slices,
-                                                                    scan)
-        with ray_replicas(1, cores):
-            wait_ready(client_module, ray_url)
-            results[f"Ray, 1 replica x {cores} cores, 1 reader"] = readers(client_module, ray_url, 1, args.slices,
-                                                                           scan)
-        with ray_replicas(2, cores / 2):
-            wait_ready(client_module, ray_url)
-            key = f"Ray, 2 replicas x {cores / 2:g} core, {args.readers} readers"
-            results[key] = readers(client_module, ray_url, args.readers, args.slices, scan)
-            replicas = client_module.MedSAMClient(ray_url, token=TOKENS[0]).info()["replicas"]
+    with one_process(ray_port + 1) as url:
+        wait_ready(client_module, url)
+        results["1 process, 1 reader"] = readers(client_module, url, 1, args.slices, scan)
+        results[f"1 process, {args.readers} readers"] = readers(client_module, url, args.readers, args.slices, scan)
+    with ray_replicas(1, cores, ray_port):
+        wait_ready(client_module, ray_url)
+        results[f"Ray, 1 replica x {cores} cores, 1 reader"] = readers(client_module, ray_url, 1, args.slices, scan)
+    with ray_replicas(2, cores / 2, ray_port):
+        wait_ready(client_module, ray_url)
+        key = f"Ray, 2 replicas x {cores / 2:g} core, {args.readers} readers"
+        results[key] = readers(client_module, ray_url, args.readers, args.slices, scan)
+        replicas = client_module.MedSAMClient(ray_url).info()["replicas"]
 
     print(f"{args.readers} readers x {args.slices} slices of CTChest4 (128x128), LiteMedSAM on {cores} CPU cores")
     print(f"{'configuration':<42} {'wall s':>8} {'cached box p50 ms':>18} {'p95 ms':>8}")

@@ -86,6 +86,12 @@ class Router:
         """Replicas to try for a new session: live ones, fewest sessions first; then the rest."""
         return sorted(range(len(self.incarnations)), key=lambda r: (self.incarnations[r] is None, self.held(r), r))
 
+    def seen(self, replica: int, incarnation: str) -> None:
+        """A replica answered as ``incarnation``: if it is a replacement, its predecessor's sessions are lost."""
+        if self.incarnations[replica] != incarnation:
+            self.died(replica, self.incarnations[replica])
+            self.incarnations[replica] = incarnation
+
     def died(self, replica: int, incarnation: Optional[str]) -> None:
         if incarnation is None or self.incarnations[replica] == incarnation:
             self.incarnations[replica] = None

@@ -136,7 +136,7 @@ class Ingress:
                 if self.router.incarnations[index] is None:
                     try:
                         _, incarnation = await asyncio.wait_for(handle.identity.remote(), PROBE_TIMEOUT_SECONDS)
-                        self.router.incarnations[index] = incarnation
+                        self.router.seen(index, incarnation)
                     except (asyncio.TimeoutError, *REPLICA_LOST):
                         pass
             await asyncio.sleep(1.0)
@@ -202,7 +202,7 @@ class Ingress:
                 continue  # nothing was created: the next replica takes the upload
             finally:
                 self.router.uploading.pop(ticket, None)
-            self.router.incarnations[replica] = incarnation
+            self.router.seen(replica, incarnation)
             if answer[0] == 201:
                 session_id = json.loads(answer[2])["session"]
                 self.router.sessions[session_id] = Placement(replica, incarnation, owner)
@@ -226,7 +226,7 @@ class Ingress:
             return _lost(session_id)
         if answer is None:  # the replica was replaced since the upload
             self.router.died(placement.replica, placement.incarnation)
-            self.router.incarnations[placement.replica] = incarnation
+            self.router.seen(placement.replica, incarnation)
             return _lost(session_id)
         if placement.owner == owner and _forgotten(answer, call):
             self.router.sessions.pop(session_id, None)
@@ -260,9 +260,11 @@ class Ingress:
         """The first live replica's /info, with every replica's sessions, cache and worker added."""
         async def one(index: int):
             try:
-                return (await asyncio.wait_for(self._forward(index, None, call), INFO_TIMEOUT_SECONDS))[1]
+                incarnation, answer = await asyncio.wait_for(self._forward(index, None, call), INFO_TIMEOUT_SECONDS)
             except (asyncio.TimeoutError, *REPLICA_LOST):
                 return None
+            self.router.seen(index, incarnation)
+            return answer
 
         answers = await asyncio.gather(*(one(i) for i in range(len(self.replicas))))
         live = [answer for answer in answers if answer is not None]
@@ -305,13 +307,18 @@ def application(settings, scale: ScaleOut) -> serve.Application:
 
 
 def build(args: dict[str, Any]) -> serve.Application:
-    """``serve deploy`` entry point (``import_path: medsam_server.ray_serve:build``); ``args`` are
-    Settings fields plus ScaleOut fields (``replicas``, ``num_cpus``, ``num_gpus``)."""
+    """``serve deploy`` entry point (``import_path: medsam_server.ray_serve:build``); ``args`` are Settings
+    fields, ScaleOut fields (``replicas``, ``num_cpus``, ``num_gpus``) and ``token_file`` (read where the
+    application is built, as ``medsam serve --token-file`` reads it; tokens never sit in the config).
+    ``host``/``port`` should repeat http_options' (without a token, only host 127.0.0.1 is accepted)."""
     from .app import Settings
+    from .commands.serve import read_tokens
 
+    args = {"host": "0.0.0.0", **args}  # the bind is in http_options, out of sight: exposed unless args say not
+    tokens = read_tokens(args.pop("token_file", None))
     scale_fields = {f.name for f in dataclasses.fields(ScaleOut)}
     scale = ScaleOut(**{k: v for k, v in args.items() if k in scale_fields})
-    settings = Settings(**{k: v for k, v in args.items() if k not in scale_fields})
+    settings = Settings(**{k: v for k, v in args.items() if k not in scale_fields}, tokens=tokens)
     settings.validate()
     return application(settings, scale)
 

@@ -173,13 +173,18 @@ def test_tokens_and_limits_hold_across_replicas(cluster, scan):
     assert info(cluster)["sessions"] == 0
 
 
-def test_idle_sessions_leave_the_ingress_count():
+def test_the_ingress_count_forgets_idle_sessions_and_those_of_a_replaced_replica():
     router = Router(2, Gate((), max_sessions=1, max_sessions_per_token=None, idle_seconds=60, max_body_bytes=1))
     router.incarnations = ["a", "b"]
     router.sessions["s"] = Placement(0, "a", "", last_used=time.monotonic())
     assert "maximum of 1 sessions" in router.refusal("")
     router.expire(now=time.monotonic() + 61)
     assert router.refusal("") is None and router.order() == [0, 1]
+
+    router.sessions["t"] = Placement(1, "b", "")
+    assert router.order() == [0, 1] and router.refusal("") is not None
+    router.seen(1, "b2")  # replica 1 answered as a new incarnation: its old sessions are lost, not held
+    assert router.sessions["t"].incarnation == "lost" and router.refusal("") is None
 
 
 def _kill_replica(index: int) -> None:
@@ -220,3 +225,32 @@ def test_a_killed_replica_loses_only_its_sessions_and_is_replaced(cluster, scan)
     assert replica_of(alice, again) == victim
     alice.delete(again)
     bob.delete(kept)
+
+
+SERVE_CONFIG = """
+proxy_location: EveryNode
+http_options: {host: 0.0.0.0, port: 8765}
+applications:
+  - name: medsam
+    route_prefix: /
+    import_path: medsam_server.ray_serve:build
+    args: {replicas: 4, num_gpus: 1, device: cuda, token_file: TOKENS, max_sessions: 64, cache_gb: 16}
+"""
+
+
+def test_the_readme_serve_config_builds_the_application_with_the_token_file(tmp_path, monkeypatch):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from medsam_server.errors import InputError
+    from medsam_server.ray_serve import build
+
+    token_file = tmp_path / "tokens"
+    token_file.write_text(f"# readers\n{ALICE}\n{BOB}\n")
+    token_file.chmod(0o600)
+    config = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_CONFIG.replace("TOKENS", str(token_file))))
+    args = config.applications[0].args
+    assert isinstance(build(args), serve.Application)
+    monkeypatch.delenv("MEDSAM_TOKEN", raising=False)
+    with pytest.raises(InputError, match="refusing to listen on 0.0.0.0 without a token"):
+        build({**args, "token_file": None})  # http_options' bind is not seen here: taken as exposed
