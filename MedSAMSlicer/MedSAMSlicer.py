@@ -220,6 +220,10 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._scheduleKeyframeRefresh()
 
     def exit(self):
+        if self._placing is not None:  # leaving mid-drawing: the markup is finished (or removed) as it is
+            node, _ = self._placing
+            self._placing = None
+            self._keyframePlaced(node, kind=None)  # no short axis to follow a long one: the user left
         self._shortcut.setEnabled(False)
         self._keyframeObserver.stop()
         interactionNode = slicer.app.applicationLogic().GetInteractionNode()
@@ -452,18 +456,29 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _local(self) -> bool:
         return bool(self.ui.localServerRadioButton.checked)
 
-    def _startLocalServer(self) -> tuple[str, str]:
-        """Start (or reuse) ``medsam serve`` for the chosen model on 127.0.0.1; returns (url, token)."""
-        model = self._model()
+    def _connector(self):
+        """(where, connect) for the chosen server; ``connect(cancel)`` runs in the worker and returns a client
+        of a server that answers (the local one is started there: it asks the installed server for its
+        options in a child process, which must not hold up the panel)."""
+        if not self._local():
+            url, token = self._remoteAddress()
+            return url, lambda cancel: self._makeClient(url, token)
+        args = ["--model", self._model()]
+        if self._localServer is None or self._localServer.extra_args != args:
+            self._stopLocalServer()
+            self._localServer = local_server.LocalServer(python=pythonSlicer(), extra_args=args)
         server = self._localServer
-        if server is not None and server.running and server.extra_args == ["--model", model]:
-            return server.url, server.token
-        self._stopLocalServer()
-        self._localServer = local_server.LocalServer(python=pythonSlicer(), extra_args=["--model", model])
-        url, token = self._localServer.start()
-        for note in self._localServer.notes:
-            logging.warning(note)
-        return url, token
+
+        def connect(cancel):
+            self._onProgress(0, 0, "starting the local server")
+            url, token = server.start()
+            for note in server.notes:
+                logging.warning(note)
+            client = self._makeClient(url, token)
+            server.wait_ready(client.info, cancel=cancel)
+            return client
+
+        return "the local server", connect
 
     def _stopLocalServer(self):
         if self._localServer is not None:
@@ -485,30 +500,23 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.ui.serverStatusLabel.text = "Connecting..."
         try:
-            if self._local():
-                if install.plan(moduleDir(), settingsValue("ServerSource", ""))[1]:
-                    raise install.InstallError("The local server is not installed yet; press Segment to install it.")
-                url, token = self._startLocalServer()
-            else:
-                url, token = self._remoteAddress()
+            if self._local() and install.plan(moduleDir(), settingsValue("ServerSource", ""))[1]:
+                raise install.InstallError("The local server is not installed yet; press Segment to install it.")
+            where, connect = self._connector()
         except Exception as error:  # noqa: BLE001 - shown to the user as the connection status
             self.ui.serverStatusLabel.text = str(error)
             return
-        client = self._makeClient(url, token)
-        server = self._localServer if self._local() else None
         cancel = threading.Event()
 
         def probe():
-            if server is not None:
-                server.wait_ready(client.info, timeout=120, cancel=cancel)
-            return client.check_compatible()  # VersionMismatch names the side to update
+            return connect(cancel).check_compatible()  # VersionMismatch names the side to update
 
         def done(future):
             error = future.exception()
             if error is not None:
-                self.ui.serverStatusLabel.text = f"No connection to {url}: {error}"
+                self.ui.serverStatusLabel.text = f"No connection to {where}: {error}"
             else:
-                self.ui.serverStatusLabel.text = f"Connected to {url}: {describeInfo(future.result())}"
+                self.ui.serverStatusLabel.text = f"Connected to {where}: {describeInfo(future.result())}"
 
         self._startBackground("probe", probe, done, cancel)
 
@@ -574,12 +582,9 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._busy is not None:
             return
         try:
-            if self._local():
-                if not self._installIfNeeded():
-                    return
-                url, token = self._startLocalServer()
-            else:
-                url, token = self._remoteAddress()
+            if self._local() and not self._installIfNeeded():
+                return
+            where, connect = self._connector()
         except install.InstallError as error:
             self._handleInstallError(error)
             return
@@ -590,17 +595,13 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Could not start the segmentation.", waitCursor=True):
             volumeNode, segmentationNode, segmentId = self._inputs()
             request = run.prepare_run(volumeNode, segmentationNode, segmentId, window=self._window())
-            client = self._makeClient(url, token)
-            key = (url, volumeNode.GetID(), volumeNode.GetImageData().GetMTime(), self._model())
+            key = (where, volumeNode.GetID(), volumeNode.GetImageData().GetMTime(), self._model())
             session = self._session[1] if self._session is not None and self._session[0] == key else None
-            server = self._localServer if self._local() else None
             cancel = threading.Event()
             self._progress = ("starting", 0, 0)  # (phase, done, total)
 
             def work():
-                if server is not None:
-                    self._onProgress(0, 0, "starting the local server")
-                    server.wait_ready(client.info, cancel=cancel)
+                client = connect(cancel)
                 if session is None:
                     client.check_compatible()
                     self._onProgress(0, 0, "uploading")
