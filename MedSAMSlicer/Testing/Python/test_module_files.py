@@ -255,3 +255,22 @@ def test_a_python_3_9_interpreter_compiles_every_module_file(tmp_path):
                              *[os.path.join(MODULE_DIR, p) for p in files]], capture_output=True, text=True)
     assert answer.returncode == 0, answer.stderr
     assert len(files) >= 12
+
+
+def test_every_lib_name_the_widget_uses_exists():
+    """The widget cannot run here (no Slicer GUI), so at least every ``<lib module>.<name>`` it uses must exist."""
+    import importlib
+
+    pytest.importorskip("slicer")
+    with open(WIDGET_SOURCE) as handle:
+        tree = ast.parse(handle.read())
+    aliases = {}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module == f"{MODULE_NAME}Lib":
+            aliases.update({alias.asname or alias.name: alias.name for alias in node.names})
+    assert {"keyframes", "run", "install", "local_server", "protocol"} <= set(aliases)
+    used = {(n.value.id, n.attr) for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in aliases}
+    missing = sorted(f"{alias}.{attr}" for alias, attr in used
+                     if not hasattr(importlib.import_module(f"{MODULE_NAME}Lib.{aliases[alias]}"), attr))
+    assert not missing, f"MedSAMSlicer.py uses names the Lib does not have: {missing}"
