@@ -33,13 +33,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import numpy as np
-from scipy import ndimage
 from scipy.interpolate import PchipInterpolator
 
 from .embeddings import EmbeddingCache
 from .errors import Cancelled, InputError
 from .geometry import slice_index
 from .prompts import PromptDocument, SegmentPrompt
+from .refine import SegmentRun, above, postprocess, quantize, review_entry
 from .requests import AnnotateOptions
 from .stack import SliceStack
 
@@ -58,6 +58,9 @@ class SegmentResult:
     slices: list[int]  # slices of the axis this segment's run wrote (locked ones excluded)
     keyframes: int
     propagated: int = 0
+    # What the run decoded (the server keeps it to move the threshold) and its per-slice confidence.
+    run: Optional[SegmentRun] = field(default=None, repr=False)
+    review: dict = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -84,6 +87,10 @@ class AnnotationResult:
             "notes": self.notes,
         }
 
+    def review(self, axis: int) -> dict:
+        """The review report (``--report``, the server's annotate result): per segment, least confident first."""
+        return {"axis": axis, "segments": [s.review for s in self.segments]}
+
 
 def interpolate_boxes(segment: SegmentPrompt, method: str = "pchip") -> dict[int, np.ndarray]:
     """Box (4,) in slice pixels for every slice from the first to the last keyframe."""
@@ -103,8 +110,18 @@ Plan = dict[int, dict[int, np.ndarray]]  # segment label -> slice -> box (4,) in
 
 
 def plan(prompts: PromptDocument, options: AnnotateOptions) -> Plan:
-    """The box of every slice each segment's keyframes span (locked slices included)."""
-    return {s.label: interpolate_boxes(s, options.interpolation) for s in prompts.segments}
+    """The box of every slice each segment's keyframes span (locked slices included).
+
+    With ``options.only_slice`` (re-box one slice), each segment whose keyframes span that slice
+    keeps that slice's box alone and the others none.
+    """
+    boxes = {s.label: interpolate_boxes(s, options.interpolation) for s in prompts.segments}
+    only = options.only_slice
+    if only is None:
+        return boxes
+    if not any(only in b for b in boxes.values()):
+        raise InputError(f"slice {only} lies outside every segment's keyframes; put a keyframe box on it to re-box it")
+    return {label: ({only: b[only]} if only in b else {}) for label, b in boxes.items()}
 
 
 def slices_to_decode(prompts: PromptDocument, boxes: Plan) -> list[int]:
@@ -128,9 +145,9 @@ class _Run:
         if self.should_stop and self.should_stop():
             raise Cancelled("cancelled; nothing was written")
 
-    def masks(self, indices: list[int], boxes: list[np.ndarray]) -> np.ndarray:
-        """(N, rows, cols) bool masks for boxes on slices, in batches; constant slices give empty masks."""
-        out = np.zeros((len(indices), *self.stack.shape), dtype=bool)
+    def probabilities(self, indices: list[int], boxes: list[np.ndarray]) -> np.ndarray:
+        """(N, rows, cols) uint8 probabilities (x 255) for boxes on slices, in batches; constant slices give 0."""
+        out = np.zeros((len(indices), *self.stack.shape), dtype=np.uint8)
         live = [n for n, i in enumerate(indices) if not self.stack.is_constant(i)]
         for start in range(0, len(live), self.batch_size):
             self.check()
@@ -138,7 +155,7 @@ class _Run:
             t0 = time.perf_counter()
             emb, hits = self.stack.embeddings([indices[n] for n in batch], should_stop=self.should_stop)
             t1 = time.perf_counter()
-            out[batch] = self.stack.masks(emb, np.array([boxes[n] for n in batch]))
+            out[batch] = quantize(self.stack.decode(emb, np.array([boxes[n] for n in batch])))
             t2 = time.perf_counter()
             self.seconds_embedding += t1 - t0
             self.seconds_decoding += t2 - t1
@@ -200,14 +217,15 @@ def annotate(
         # Locked slices keep what the labelmap holds; it also joins the 3D post-processing so that
         # a locked slice inside the range does not split the segment in two.
         locked = {i: labels[slice_index(prompts.axis, i)] == segment.label for i in segment.locked_slices}
-        mask, written, propagated = _segment_mask(segment, plans[segment.label], stack, run, options, notes, locked)
+        mask, written, propagated, kept = _segment_mask(segment, plans[segment.label], stack, run, options, notes,
+                                                        locked)
         written -= set(locked)
         _write(labels, mask, segment.label, prompts.axis, written, options.overwrite)
         changed |= written
         voxels = int(sum((labels[slice_index(prompts.axis, i)] == segment.label).sum() for i in written))
         results.append(SegmentResult(segment.name, segment.label, voxels, sorted(written), len(segment.keyframes),
-                                     propagated))
-        if len(segment.keyframes) == 1 and not options.propagate and stack.n_slices > 1:
+                                     propagated, kept, review_entry(kept, mask)))
+        if len(segment.keyframes) == 1 and not options.propagate and stack.n_slices > 1 and options.only_slice is None:
             notes.append(f"segment {segment.name!r} has one keyframe: only slice {segment.keyframes[0].slice} was "
                          "segmented (add keyframes or use --propagate for more)")
     return AnnotationResult(labels, results, sorted(changed), run.seconds_embedding, run.seconds_decoding,
@@ -216,14 +234,19 @@ def annotate(
 
 def _segment_mask(segment: SegmentPrompt, boxes: dict[int, np.ndarray], stack: SliceStack, run: _Run,
                   options: AnnotateOptions, notes: list[str],
-                  locked: dict[int, np.ndarray]) -> tuple[np.ndarray, set[int], int]:
-    """(n_slices, rows, cols) bool mask of one segment, the slices it covers, and how many were propagated."""
+                  locked: dict[int, np.ndarray]) -> tuple[np.ndarray, set[int], int, SegmentRun]:
+    """(n_slices, rows, cols) bool mask of one segment, the slices it covers, how many were propagated, and
+    what the run decoded (probabilities and boxes per slice)."""
+    kept = SegmentRun(segment.name, segment.label, stack.axis, stack.shape, stack.n_slices,
+                      keyframes=[k.slice for k in segment.keyframes], locked=locked, threshold=options.threshold,
+                      fill_holes=options.fill_holes, largest_component=options.largest_component)
     mask = np.zeros((stack.n_slices, *stack.shape), dtype=bool)
     for i, content in locked.items():
         mask[i] = content
     indices = [i for i in sorted(boxes) if i not in locked]
-    for i, m in zip(indices, run.masks(indices, [boxes[i] for i in indices])):
-        mask[i] = m
+    for i, probabilities in zip(indices, run.probabilities(indices, [boxes[i] for i in indices])):
+        kept.probabilities[i], kept.boxes[i] = probabilities, boxes[i]
+        mask[i] = above(probabilities, options.threshold)
     for i in indices:
         if stack.is_constant(i):
             notes.append(f"segment {segment.name!r}, slice {i}: the slice is constant, left empty")
@@ -232,22 +255,14 @@ def _segment_mask(segment: SegmentPrompt, boxes: dict[int, np.ndarray], stack: S
     if options.propagate:
         first, last = min(boxes), max(boxes)
         for step, start in ((-1, first), (1, last)):
-            for index in _propagate(mask, start, step, options.propagate, stack, run, locked):
+            for index in _propagate(mask, start, step, options.propagate, stack, run, kept):
                 covered.add(index)
                 propagated += 1
-    if options.fill_holes:
-        for i in covered:
-            mask[i] = ndimage.binary_fill_holes(mask[i])
-    if options.largest_component and mask.any():
-        components, count = ndimage.label(mask)
-        if count > 1:
-            sizes = np.bincount(components.ravel())[1:]
-            mask = components == (1 + int(np.argmax(sizes)))
-    return mask, covered, propagated
+    return postprocess(mask, covered, options.fill_holes, options.largest_component), covered, propagated, kept
 
 
 def _propagate(mask: np.ndarray, start: int, step: int, limit: int, stack: SliceStack, run: _Run,
-               locked: dict[int, np.ndarray]) -> list[int]:
+               kept: SegmentRun) -> list[int]:
     """Grow the mask slice by slice from ``start`` (exclusive) in direction ``step``; return the slices written."""
     written: list[int] = []
     previous = start
@@ -255,7 +270,7 @@ def _propagate(mask: np.ndarray, start: int, step: int, limit: int, stack: Slice
         return written
     reference_intensity = stack.mean_intensity(start, mask[start])
     for index in range(start + step, start + step * (limit + 1), step):
-        if not 0 <= index < stack.n_slices or index in locked or stack.is_constant(index):
+        if not 0 <= index < stack.n_slices or index in kept.locked or stack.is_constant(index):
             break
         rows, cols = np.nonzero(mask[previous])
         if rows.size == 0:
@@ -264,12 +279,14 @@ def _propagate(mask: np.ndarray, start: int, step: int, limit: int, stack: Slice
         grow = np.maximum(1.0, PROPAGATION_MARGIN_FRACTION * (box[2:] - box[:2]))
         box = np.clip(box + np.concatenate([-grow, grow]), 0, [stack.shape[1] - 1, stack.shape[0] - 1] * 2)
         run.total += 1
-        candidate = run.masks([index], [box])[0]
+        probabilities = run.probabilities([index], [box])[0]
+        candidate = above(probabilities, kept.threshold)
         if candidate.sum() < PROPAGATION_MIN_AREA_FRACTION * rows.size:
             break
         if abs(stack.mean_intensity(index, candidate) - reference_intensity) > 255 * PROPAGATION_MAX_INTENSITY_SHIFT:
             break
         mask[index] = candidate
+        kept.probabilities[index], kept.boxes[index] = probabilities, box
         written.append(index)
         previous = index
     return written

@@ -65,6 +65,7 @@ from .protocol import (
     ROUTE_SEGMENT,
     ROUTE_SESSION,
     ROUTE_SESSIONS,
+    ROUTE_THRESHOLD,
     SESSION_KEY_HEADER,
     Limits,
 )
@@ -265,6 +266,19 @@ async def segment(session_id: str, request: Request, owner: str = Depends(caller
     header = {"axis": segment_request.params.axis, "slices": [e.slice for e in segment_request.entries],
               "notes": segment_request.notes}
     return envelope_response(await server.run(wire.encode, header, masks.astype(MASK_DTYPE)))
+
+
+@router.post(ROUTE_THRESHOLD)
+async def threshold(session_id: str, request: Request, owner: str = Depends(caller)):
+    server = _server(request)
+    session = _session(request, session_id, owner)
+    raw = await read_json(server, request, server.settings.limits)
+
+    def masks_envelope() -> bytes:  # one trip off the event loop: threshold and encode
+        header, masks = server.sessions.threshold(session, raw)
+        return wire.encode(header, masks.astype(MASK_DTYPE))
+
+    return envelope_response(await server.run(masks_envelope))
 
 
 @router.post(ROUTE_PREFETCH, status_code=202)

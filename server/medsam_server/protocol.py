@@ -45,6 +45,8 @@ ROUTE_SESSION = "/sessions/{session_id}"
 ROUTE_SEGMENT = "/sessions/{session_id}/segment"
 ROUTE_PREFETCH = "/sessions/{session_id}/prefetch"
 ROUTE_ANNOTATE = "/sessions/{session_id}/annotate"
+#: Move a segment's probability threshold over its last annotate run (no model call).
+ROUTE_THRESHOLD = "/sessions/{session_id}/threshold"
 ROUTE_JOB = "/sessions/{session_id}/jobs/{job_id}"
 ROUTE_JOB_RESULT = "/sessions/{session_id}/jobs/{job_id}/result"
 

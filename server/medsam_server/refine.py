@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
-from scipy import ndimage
 
 from .errors import InputError
 from .review import segment_report, slice_confidence
@@ -58,6 +57,8 @@ class SegmentRun:
     locked: dict[int, np.ndarray] = field(default_factory=dict)  # slice -> bool mask kept as it is
     threshold: float = DEFAULT_THRESHOLD
     slice_thresholds: dict[int, float] = field(default_factory=dict)
+    fill_holes: bool = True  # the run's post-processing (AnnotateOptions)
+    largest_component: bool = True
 
     def threshold_of(self, index: int) -> float:
         return self.slice_thresholds.get(index, self.threshold)
@@ -70,6 +71,8 @@ class SegmentRun:
 
 def postprocess(mask: np.ndarray, slices: set[int], fill_holes: bool, largest_component: bool) -> np.ndarray:
     """Holes filled on ``slices`` of an (n_slices, rows, cols) mask, then its largest 3D component kept."""
+    from scipy import ndimage  # here: the request parsers import this module, and scipy is slow to load
+
     if fill_holes:
         for i in slices:
             mask[i] = ndimage.binary_fill_holes(mask[i])
@@ -81,14 +84,14 @@ def postprocess(mask: np.ndarray, slices: set[int], fill_holes: bool, largest_co
     return mask
 
 
-def segment_masks(run: SegmentRun, fill_holes: bool = True, largest_component: bool = True) -> np.ndarray:
+def segment_masks(run: SegmentRun) -> np.ndarray:
     """(n_slices, rows, cols) bool mask of the segment at its thresholds, post-processed as annotate does."""
     mask = np.zeros((run.n_slices, *run.shape), dtype=bool)
     for i, content in run.locked.items():
         mask[i] = content
     for i, probs in run.probabilities.items():
         mask[i] = above(probs, run.threshold_of(i))
-    return postprocess(mask, set(run.probabilities), fill_holes, largest_component)
+    return postprocess(mask, run.covered, run.fill_holes, run.largest_component)
 
 
 def confidence(run: SegmentRun, mask: np.ndarray) -> dict[int, float]:
@@ -115,3 +118,27 @@ def set_thresholds(run: SegmentRun, threshold: Optional[float], slice_thresholds
             run.slice_thresholds.pop(index, None)
         else:
             run.slice_thresholds[index] = check_threshold(value, f"segment {run.name!r}, slice {index}: threshold")
+
+
+def merge(old: Optional[SegmentRun], new: SegmentRun, only_slice: Optional[int]) -> SegmentRun:
+    """The run a session keeps after ``new``: a single-slice re-box updates that slice (now a keyframe) of the
+    run before it on the same axis; any other run replaces it."""
+    if only_slice is None or old is None or old.axis != new.axis:
+        return new
+    if only_slice in new.probabilities:  # else the re-boxed slice lies outside this segment: it keeps its run
+        old.probabilities[only_slice] = new.probabilities[only_slice]
+        old.boxes[only_slice] = new.boxes[only_slice]
+        old.slice_thresholds.pop(only_slice, None)
+        old.keyframes = sorted(set(old.keyframes) | {only_slice})
+    return old
+
+
+def threshold_answer(run: SegmentRun) -> tuple[dict, np.ndarray]:
+    """What the threshold route sends back: a header (axis, label, slices, thresholds, review) and the
+    (N, rows, cols) masks of the run's slices in slice pixels."""
+    mask = segment_masks(run)
+    slices = sorted(run.covered)
+    header = {"axis": run.axis, "label": run.label, "slices": slices, "threshold": run.threshold,
+              "slice_thresholds": {str(k): v for k, v in sorted(run.slice_thresholds.items())},
+              "review": review_entry(run, mask)}
+    return header, mask[slices]

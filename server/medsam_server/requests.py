@@ -23,9 +23,13 @@ from .errors import InputError, shown
 from .geometry import DEFAULT_ORIENTATION, ORIENTATIONS, check_box, check_points, slice_shape
 from .intensity import parse_window
 from .prompts import PromptDocument, check_axis, check_int, check_orientation, no_unknown_keys, parse_prompts
-from .protocol import MAX_BATCH_SIZE, Limits
+from .protocol import MAX_BATCH_SIZE, MAX_LABEL, Limits
+from .refine import DEFAULT_THRESHOLD, check_threshold
 
 INTERPOLATIONS = ("pchip", "linear")
+#: Points (clicks) with box-trained weights: measured on CTChest4 (README "Review and refine").
+POINTS_EXPERIMENTAL = ("points are experimental: with box-trained weights (LiteMedSAM, MedSAM) a corrective click "
+                       "lowered the slice's Dice on 59-78 % of clicks on the real CT; re-box the slice instead")
 
 
 def _option(default: Any, kind: type, help: str, flag: str = "", **argparse_extra: Any) -> Any:
@@ -50,6 +54,11 @@ class AnnotateOptions:
                                "in-plane orientation in which slices reach the model (default %(default)s)",
                                choices=ORIENTATIONS)
     batch_size: Optional[int] = _option(None, int, "boxes per decoder call (default: the model's best batch)")
+    threshold: float = _option(DEFAULT_THRESHOLD, float, "probability above which a voxel is inside (default "
+                               "%(default)s; lower grows the masks)", metavar="T")
+    # Re-box one slice: a keyframe box on it (or its interpolated box) is decoded there alone.
+    only_slice: Optional[int] = _option(None, int, "decode slice K alone and write only it (re-box one slice; "
+                                        "with --existing the other slices are kept)", flag="--slice", metavar="K")
 
     def __post_init__(self):
         if self.interpolation not in INTERPOLATIONS:
@@ -57,6 +66,9 @@ class AnnotateOptions:
         if self.propagate < 0:
             raise InputError("propagate must be >= 0 slices")
         check_orientation(self.orientation)
+        check_threshold(self.threshold)
+        if self.only_slice is not None and self.propagate:
+            raise InputError("one slice is decoded alone: --slice and --propagate do not go together")
         if self.batch_size is not None and not 1 <= self.batch_size <= MAX_BATCH_SIZE:
             raise InputError(f"batch_size must be 1..{MAX_BATCH_SIZE}, got {self.batch_size}")
 
@@ -161,6 +173,8 @@ def parse_segment_request(raw: Any, size_ijk: Sequence[int], limits: Limits) -> 
             notes.append(note)
         points, labels = _points(entry, shape, limits.max_points_per_box, where)
         entries.append(SegmentEntry(index, box, points, labels))
+    if any(e.points is not None for e in entries):
+        notes.append(POINTS_EXPERIMENTAL)
     return SegmentRequest(params, entries, notes)
 
 
@@ -215,3 +229,30 @@ def parse_annotate_request(header: Any, size_ijk: Sequence[int],
         raise InputError(f"the existing segmentation has shape {list(existing_shape)}; the session's volume is "
                          f"{list(volume_shape)}")
     return prompts, options
+
+
+@dataclass(frozen=True)
+class ThresholdRequest:
+    label: int
+    threshold: Optional[float]  # the segment's; None keeps it
+    slice_thresholds: dict  # slice -> threshold, or None to go back to the segment's
+
+
+def parse_threshold_request(raw: Any) -> ThresholdRequest:
+    """``{"label": 1, "threshold": 0.4, "slices": {"12": 0.3, "13": null}}``: move the last run's thresholds."""
+    if not isinstance(raw, dict) or "label" not in raw:
+        raise InputError("a threshold request is a JSON object with 'label' and 'threshold' and/or 'slices'")
+    no_unknown_keys(raw, {"label", "threshold", "slices"}, "the threshold request")
+    label = check_int(raw["label"], 1, MAX_LABEL, "label")
+    threshold = None if raw.get("threshold") is None else check_threshold(raw["threshold"])
+    slices = raw.get("slices", {})
+    if not isinstance(slices, dict):
+        raise InputError("'slices' is an object of slice index -> threshold (or null)")
+    per_slice = {}
+    for key, value in slices.items():
+        if not str(key).isdigit():
+            raise InputError(f"'slices': {shown(key)} is not a slice index")
+        per_slice[int(key)] = None if value is None else check_threshold(value, f"slice {key}: threshold")
+    if threshold is None and not per_slice:
+        raise InputError("the threshold request moves nothing: give 'threshold' or 'slices'")
+    return ThresholdRequest(label, threshold, per_slice)

@@ -123,3 +123,13 @@ def worst_error_share(confidence: Sequence[float], truth_dice: Sequence[float],
     count = max(1, math.ceil(fraction * len(conf)))
     least = np.argsort(conf, kind="stable")[:count]
     return float(error[least].sum() / error.sum())
+
+
+def review_scores(entries: Sequence[dict], reference: np.ndarray, result: np.ndarray, axis: int) -> dict:
+    """How well a segment's review entries rank its slices: Spearman against the true per-slice Dice, and
+    the worst-20 % error share. ``reference`` and ``result`` are (k, j, i) bool masks of the segment."""
+    from .geometry import slice_index
+
+    confidence = [e["confidence"] for e in entries]
+    truth = [dice(reference[slice_index(axis, e["slice"])], result[slice_index(axis, e["slice"])]) for e in entries]
+    return {"spearman": spearman(confidence, truth), "worst20_error_share": worst_error_share(confidence, truth)}

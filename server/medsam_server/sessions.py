@@ -39,17 +39,19 @@ import numpy as np
 from . import wire
 from .annotate import annotate, plan, slices_to_decode
 from .embeddings import EmbeddingCache, volume_digest
-from .errors import Busy, UnknownSession, WireError
+from .errors import Busy, InputError, UnknownSession, WireError
 from .geometry import changed_block
 from .intensity import check_finite
 from .jobs import Job, JobBook, run_job
 from .protocol import IMAGE_DTYPES, Limits
+from .refine import merge, set_thresholds, threshold_answer
 from .requests import (
     SegmentRequest,
     SliceParams,
     parse_annotate_request,
     parse_prefetch_request,
     parse_segment_request,
+    parse_threshold_request,
 )
 from .stack import MASK_THRESHOLD, SliceStack
 from .worker import PRIORITY_ANNOTATE, PRIORITY_PREFETCH, PRIORITY_SEGMENT, ModelWorker, WorkerModel
@@ -78,6 +80,7 @@ class ServerSession:
     created: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
     stacks: OrderedDict = field(default_factory=OrderedDict)
+    runs: dict = field(default_factory=dict)  # segment label -> refine.SegmentRun of its last annotate run
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     @property
@@ -291,6 +294,17 @@ class Sessions:
                 live.append(n)
         return request, stack, live
 
+    def threshold(self, session: ServerSession, raw: Any) -> tuple[dict, np.ndarray]:
+        """Move one segment's thresholds over its last annotate run (no model call): header and its masks."""
+        request = parse_threshold_request(raw)
+        with session.lock:
+            run = session.runs.get(request.label)
+            if run is None:
+                raise InputError(f"segment label {request.label} has no annotate run in this session; "
+                                 "run annotate first (the threshold moves over its probabilities)")
+            set_thresholds(run, request.threshold, request.slice_thresholds)
+            return threshold_answer(run)
+
     def start_prefetch(self, session: ServerSession, raw: Any) -> Job:
         """Embed a slice range in the background; returns the job to poll."""
         request = parse_prefetch_request(raw, session.size_ijk)
@@ -326,7 +340,11 @@ class Sessions:
             result = annotate(session.array, session.geometry.direction_matrix, prompts, stack.model, self.cache,
                               options, existing, progress, job.cancel.is_set, session.cache_volume, stack=stack)
             offset, block = changed_block(result.labels, result.changed_slices, prompts.axis)
-            summary = {**result.summary(), "changed_slices": result.changed_slices, "axis": prompts.axis}
+            with session.lock:  # kept so that a threshold can move without a model call
+                for done in result.segments:
+                    session.runs[done.label] = merge(session.runs.get(done.label), done.run, options.only_slice)
+            summary = {**result.summary(), "changed_slices": result.changed_slices, "axis": prompts.axis,
+                       "review": result.review(prompts.axis)["segments"]}
             meta = {} if block is None else {"array": {"offset": list(offset)}}
             return wire.encode({"summary": summary, **meta}, block)
 

@@ -138,6 +138,8 @@ def test_simulate_prints_a_table_and_plots_dice_against_k(slab, tmp_path, capsys
     rows = json.loads((tmp_path / "report" / "simulate.json").read_text())
     assert [(r["every"], r["keyframes"]) for r in rows] == [(3, 4), (7, 2)]
     assert all(r["dsc"] >= 0.8 for r in rows) and rows[1]["cache_hits"] > 0
+    assert "| Spearman | error in worst 20 % |" in out  # the review ranking's columns (review.py)
+    assert all(r["spearman"] is None or -1 <= r["spearman"] <= 1 for r in rows)
     assert (tmp_path / "report" / "dice_vs_k.png").stat().st_size > 1000
 
 

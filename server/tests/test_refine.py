@@ -63,3 +63,114 @@ def test_bad_thresholds_are_refused_by_name(bad):
 def test_a_slice_threshold_on_a_slice_the_run_did_not_decode_is_refused():
     with pytest.raises(InputError, match="slice 4 was not decoded in the last run"):
         set_thresholds(soft_disc_run(), None, {4: 0.3})
+
+
+# ---------------------------------------------------------------- on the real CT, a real server and the CLI
+
+RIGHT_LUNG_LABEL = 5  # in slicerio's Segmentation.seg.nrrd
+RANGE = (14, 18)  # right-lung keyframes: five axial slices, a few seconds of encoding
+
+
+@pytest.fixture(scope="module")
+def served(litemedsam, shared_cache):
+    from medsam_server.app import Settings
+    from server_harness import load_client_module, running_server
+
+    with running_server(Settings(), litemedsam, shared_cache) as (url, app):
+        yield load_client_module().MedSAMClient(url), url, app.state.medsam
+
+
+def _right_lung_document(slices) -> dict:
+    from engine_data import bounding_box, ct_volume
+
+    _, labels, _ = ct_volume()
+    boxes = [{"slice": k, "box": bounding_box(labels[k] == RIGHT_LUNG_LABEL).tolist()} for k in slices]
+    return {"axis": 2, "window": "ct-lung", "segments": [{"name": "right lung", "label": 1, "boxes": boxes}]}
+
+
+def _threshold(url: str, session, body: dict) -> tuple[int, dict, np.ndarray]:
+    import httpx
+
+    from medsam_server import protocol, wire
+
+    answer = httpx.post(url + protocol.ROUTE_THRESHOLD.format(session_id=session.id), json=body,
+                        headers={protocol.SESSION_KEY_HEADER: session.key}, timeout=60)
+    if answer.status_code != 200:
+        return answer.status_code, answer.json(), None
+    header, masks = wire.decode(answer.content, protocol.Limits(), (protocol.MASK_DTYPE,))
+    return 200, header, masks.astype(bool)
+
+
+def test_the_server_moves_a_threshold_without_a_model_call_and_reboxes_one_slice(served):
+    from engine_data import ct_volume
+
+    client, url, state = served
+    volume, _, direction = ct_volume()
+    session = client.upload_volume(volume, direction=direction)
+    offset, block, summary = client.annotate(session, _right_lung_document(RANGE))
+    review = summary["review"][0]
+    assert review["label"] == 1 and {e["slice"] for e in review["slices"]} == set(range(14, 19))
+    assert {e["slice"] for e in review["slices"] if e["keyframe"]} == {14, 18}
+    assert all(0.0 <= e["confidence"] <= 1.0 for e in review["slices"])
+    k0, j0, i0 = offset[2], offset[1], offset[0]
+    annotated = np.zeros(volume.shape, np.uint16)
+    annotated[k0:k0 + block.shape[0], j0:j0 + block.shape[1], i0:i0 + block.shape[2]] = block
+
+    work = state.worker.stats()
+    status, header, at_half = _threshold(url, session, {"label": 1, "threshold": 0.5})
+    assert status == 200 and header["slices"] == list(range(14, 19))
+    np.testing.assert_array_equal(at_half, annotated[14:19] == 1)  # the same threshold gives the run's masks
+    _, header, grown = _threshold(url, session, {"label": 1, "threshold": 0.3})
+    assert header["threshold"] == 0.3 and grown.sum() > at_half.sum()
+    _, header, one = _threshold(url, session, {"label": 1, "slices": {"16": 0.8}})
+    assert one[2].sum() < grown[2].sum()
+    np.testing.assert_array_equal(np.delete(one, 2, axis=0), np.delete(grown, 2, axis=0))
+    assert header["slice_thresholds"] == {"16": 0.8}
+    assert state.worker.stats() == work  # nothing was encoded or decoded
+
+    # Re-box slice 16 alone: only it changes and it becomes a keyframe of the kept run.
+    rebox = _right_lung_document((16,))
+    _, _, again = client.annotate(session, rebox, existing=annotated, only_slice=16)
+    assert again["changed_slices"] == [16] and [e["slice"] for e in again["review"][0]["slices"]] == [16]
+    _, header, _ = _threshold(url, session, {"label": 1, "threshold": 0.5})
+    assert {e["slice"] for e in header["review"]["slices"] if e["keyframe"]} == {14, 16, 18}
+
+    status, error, _ = _threshold(url, session, {"label": 1, "threshold": 1.5})
+    assert status == 422 and "threshold must be a number between 0 and 1" in error["error"]
+    status, error, _ = _threshold(url, session, {"label": 9, "threshold": 0.4})
+    assert status == 422 and "segment label 9 has no annotate run" in error["error"]
+    points = client.segment(session, [{"slice": 16, "box": rebox["segments"][0]["boxes"][0]["box"],
+                                       "points": [[40, 60]]}], window="ct-lung")
+    assert any("points are experimental" in note for note in points.notes)
+
+
+def test_medsam_annotate_reboxes_one_slice_and_keeps_the_others(tmp_path):
+    import json
+
+    from engine_data import slicerio_data
+    from medsam_server import cli
+    from medsam_server.io.images import read_image
+    from medsam_server.io.labels import read_labels
+
+    ct, existing = slicerio_data("CTChest4.nrrd"), slicerio_data("Segmentation.seg.nrrd")
+    document = _right_lung_document((16,))
+    document["segments"][0]["label"] = RIGHT_LUNG_LABEL  # the existing segmentation's right lung
+    (tmp_path / "prompts.json").write_text(json.dumps(document))
+    out, report = tmp_path / "out.nrrd", tmp_path / "report.json"
+    code = cli.main(["annotate", ct, "--prompts", str(tmp_path / "prompts.json"), "--output", str(out),
+                     "--existing", existing, "--slice", "16", "--threshold", "0.4", "--report", str(report),
+                     "--backend", "torch", "--device", "cpu"])
+    assert code == 0
+    volume = read_image(ct)
+    before, _ = read_labels(existing, volume)
+    after, _ = read_labels(out, volume)
+    np.testing.assert_array_equal(np.delete(after, 16, axis=0), np.delete(before, 16, axis=0))
+    lung = after[16] == RIGHT_LUNG_LABEL
+    truth = before[16] == RIGHT_LUNG_LABEL
+    assert 2 * (lung & truth).sum() / (lung.sum() + truth.sum()) > 0.8
+    written = json.loads(report.read_text())
+    assert written["axis"] == 2
+    [entry] = written["segments"][0]["slices"]
+    assert entry["slice"] == 16 and entry["keyframe"] is True and 0.0 < entry["confidence"] <= 1.0
+    assert cli.main(["annotate", ct, "--prompts", str(tmp_path / "prompts.json"), "--output", str(tmp_path / "b.nrrd"),
+                     "--report", str(report), "--slice", "16"]) == 2  # the report exists: refused before any work

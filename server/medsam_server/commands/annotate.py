@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 from ..errors import InputError
 from ..intensity import WINDOW_NAMES, window_from_text
@@ -24,6 +25,8 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--existing", type=Path, help="a segmentation whose labels are kept (locked slices read it)")
     add_option_arguments(p)
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--report", type=Path, metavar="JSON", help="write each slice's confidence here, least "
+                   "confident first: the slices to review")
     p.set_defaults(func=run)
 
 
@@ -61,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"prompt document {args.prompts} does not exist") from None
     except json.JSONDecodeError as err:
         raise InputError(f"prompt document {args.prompts} is not valid JSON: {err}") from None
+    check_report_path(args.report, args.force)
     if args.window is not None and isinstance(document, dict):
         document["window"] = window_from_text(args.window)
     options = options_from_arguments(args)
@@ -79,4 +83,16 @@ def run(args: argparse.Namespace) -> int:
                **result.summary()}
     summary["notes"] = volume.notes + summary["notes"]
     print(json.dumps(summary, indent=2))
+    if args.report is not None:
+        args.report.write_text(json.dumps(result.review(prompts.axis), indent=1) + "\n")
     return 0
+
+
+def check_report_path(report: Optional[Path], replace: bool) -> None:
+    """A ``--report`` path that can be written, checked before the model loads."""
+    if report is None:
+        return
+    if report.exists() and not replace:
+        raise InputError(f"{report} exists; pass --force to replace it")
+    if not report.parent.is_dir():
+        raise InputError(f"the folder of --report {report} does not exist")

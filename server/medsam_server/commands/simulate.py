@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from ..metrics import case_scores
     from ..models import load_model
     from ..prompts import parse_prompts
+    from ..review import review_scores
     from ..simulate import simulated_prompts, target_labels
 
     volume = read_image(args.image)
@@ -67,12 +68,14 @@ def run(args: argparse.Namespace) -> int:
         if args.output and every == args.every[0]:
             write_labels(args.output, result.labels, volume,
                          [(s.name, s.label, segment_colour(n)) for n, s in enumerate(prompts.segments)])
-        for segment, (name, ref_label) in zip(prompts.segments, targets):
+        for segment, done, (name, ref_label) in zip(prompts.segments, result.segments, targets):
             scores = case_scores(reference == ref_label, result.labels == segment.label, volume.spacing,
                                  args.tolerance_mm)
+            ranking = review_scores(done.review["slices"], reference == ref_label, result.labels == segment.label,
+                                    prompts.axis)
             rows.append({"every": every, "target": name, "keyframes": len(segment.keyframes),
                          "dsc": round(scores["dsc"], 4), "nsd": round(scores["nsd"], 4), "seconds": round(seconds, 2),
-                         "cache_hits": result.cache_hits, "markers": args.markers})
+                         "cache_hits": result.cache_hits, "markers": args.markers, **ranking})
     _print_table(rows)
     if args.out:
         _write_reports(args.out, rows)
@@ -80,10 +83,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_table(rows: list[dict]) -> None:
-    print("| K | target | keyframes | DSC | NSD | seconds |")
-    print("|---|---|---|---|---|---|")
+    # Spearman: confidence against the true per-slice Dice; worst 20 %: the share of the per-slice error
+    # (1 - Dice, summed) in the 20 % least confident slices (review.py).
+    print("| K | target | keyframes | DSC | NSD | Spearman | error in worst 20 % | seconds |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['every']} | {r['target']} | {r['keyframes']} | {r['dsc']:.4f} | {r['nsd']:.4f} | {r['seconds']} |")
+        print(f"| {r['every']} | {r['target']} | {r['keyframes']} | {r['dsc']:.4f} | {r['nsd']:.4f} | "
+              f"{_maybe(r['spearman'], '+.2f')} | {_maybe(r['worst20_error_share'], '.0%')} | {r['seconds']} |")
+
+
+def _maybe(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _write_reports(folder: Path, rows: list[dict]) -> None:
