@@ -4,7 +4,6 @@ reloads in the order its modules import each other (the module's developer Reloa
 from __future__ import annotations
 
 import ast
-import importlib
 import os
 import subprocess
 import sys
@@ -63,11 +62,22 @@ def test_the_reload_order_lists_every_lib_module_after_what_it_imports():
 
 
 def test_reloading_in_that_order_gives_modules_that_agree():
+    """In a process of its own: reloading replaces the Lib's classes, which other tests hold on to."""
     pytest.importorskip("slicer")
-    for name in MedSAMSlicerLib.MODULES:
-        importlib.import_module(f"MedSAMSlicerLib.{name}")
-    for name in MedSAMSlicerLib.MODULES:
-        importlib.reload(sys.modules[f"MedSAMSlicerLib.{name}"])
-    from MedSAMSlicerLib import errors, keyframes
-
-    assert keyframes.InputError is errors.InputError  # a reloaded error class is the one the others raise
+    script = textwrap.dedent(f"""\
+        import importlib, sys
+        sys.path.insert(0, {MODULE_DIR!r})
+        import MedSAMSlicerLib
+        for name in MedSAMSlicerLib.MODULES:
+            importlib.import_module("MedSAMSlicerLib." + name)
+        old = sys.modules["MedSAMSlicerLib.errors"].InputError
+        for name in MedSAMSlicerLib.MODULES:
+            importlib.reload(sys.modules["MedSAMSlicerLib." + name])
+        from MedSAMSlicerLib import errors, keyframes, run
+        assert keyframes.InputError is errors.InputError is run.InputError, "a module kept the old error class"
+        assert errors.InputError is not old
+        print("reloaded", len(MedSAMSlicerLib.MODULES))
+        """)
+    answer = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout.strip() == f"reloaded {len(MedSAMSlicerLib.MODULES)}"
