@@ -11,6 +11,7 @@ import pytest
 from medsam_server.errors import InputError
 from medsam_server.protocol import Limits
 from medsam_server.requests import (
+    POINTS_EXPERIMENTAL,
     AnnotateOptions,
     add_option_arguments,
     options_from_arguments,
@@ -58,7 +59,7 @@ def test_segment_requests_keep_points_and_clip_boxes_with_a_note():
     assert request.params.axis == 2 and request.params.orientation == "ras"
     np.testing.assert_array_equal(first.box, [0, 2, 40, 50])
     assert request.notes == ["box 0, slice 3: box [-5, 2, 40, 50] clipped to [0.0, 2.0, 40.0, 50.0] "
-                             "(the slice is 128x100)"]
+                             "(the slice is 128x100)", POINTS_EXPERIMENTAL]
     np.testing.assert_array_equal(first.point_labels, [1, 0])
     assert second.points is None and second.point_labels is None
     with pytest.raises(InputError, match="box 0, slice 3: a point lies outside the 128x100 slice"):
