@@ -31,7 +31,7 @@ from .protocol import MAX_LABEL, MAX_SEGMENTS
 LINE_MARGIN_FRACTION = 0.1
 
 _DOCUMENT_KEYS = {"axis", "window", "segments"}
-_SEGMENT_KEYS = {"name", "label", "boxes", "lines", "locked_slices"}
+_SEGMENT_KEYS = {"name", "label", "boxes", "lines", "locked_slices", "code"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class SegmentPrompt:
     label: int
     keyframes: list[Keyframe]  # sorted by slice, one per slice
     locked_slices: tuple[int, ...] = ()
+    code: Any = None  # the user's DICOM code for a SEG output, checked by io.dicomseg.segment_code
 
 
 @dataclass
@@ -137,7 +138,7 @@ def _parse_segment(raw: Any, position: int, n_slices: int, shape: tuple[int, int
     locked = tuple(sorted({_slice_index(s, n_slices, where, "locked slice")
                            for s in _list(raw, "locked_slices", where)}))
     return SegmentPrompt(name=name.strip(), label=label, keyframes=[keyframes[k] for k in sorted(keyframes)],
-                         locked_slices=locked)
+                         locked_slices=locked, code=raw.get("code"))
 
 
 def _box_keyframes(raw: dict, where: str, n_slices: int, shape: tuple[int, int],

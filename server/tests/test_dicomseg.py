@@ -221,3 +221,13 @@ def test_a_series_without_a_frame_of_reference_reads_but_takes_no_seg(tmp_path):
     with pytest.raises(InputError, match=r"has no FrameOfReferenceUID, which a DICOM SEG needs to place its frames; "
                                          r"write a .seg.nrrd or a labelmap instead"):
         write_seg(tmp_path / "x.dcm", np.zeros((3, 128, 128), np.uint8), series, SEGMENTS)
+
+
+def test_without_replace_a_seg_never_overwrites_a_file(ct, tmp_path):
+    _, series, lungs, _ = ct
+    taken = tmp_path / "taken.dcm"
+    taken.write_bytes(b"the user's file")
+    with pytest.raises(InputError, match=r"taken.dcm appeared while the labels were computed; it was kept as it is"):
+        write_seg(taken, lungs, series, SEGMENTS, replace=False)
+    assert taken.read_bytes() == b"the user's file"
+    assert [p.name for p in tmp_path.iterdir()] == ["taken.dcm"]

@@ -286,12 +286,12 @@ def test_dicom_folder_with_two_series_lists_them(tmp_path, ct):
     small = Volume(ct.array[:3], ct.spacing, ct.origin, ct.direction, [])
     _write_dicom_series(tmp_path / "two", small, "1.2.826.0.1.3680043.2.1125.1.1", "chest")
     _write_dicom_series(tmp_path / "two", small, "1.2.826.0.1.3680043.2.1125.1.2", "chest again")
-    with pytest.raises(InputError, match="2 DICOM series") as err:
+    with pytest.raises(InputError, match="2 image series") as err:
         read_image(tmp_path / "two")
-    assert "1.2.826.0.1.3680043.2.1125.1.1 'chest' (3 files)" in str(err.value)
-    assert "1.2.826.0.1.3680043.2.1125.1.2 'chest again' (3 files)" in str(err.value)
+    assert "1.2.826.0.1.3680043.2.1125.1.1 'chest' (CT, CT Image Storage, 3 files)" in str(err.value)
+    assert "1.2.826.0.1.3680043.2.1125.1.2 'chest again' (CT, CT Image Storage, 3 files)" in str(err.value)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InputError, match="no DICOM series"):
+    with pytest.raises(InputError, match="holds no DICOM files"):
         read_image(tmp_path / "empty")
 
 

@@ -12,6 +12,7 @@ from ..errors import InputError
 from ..intensity import WINDOW_NAMES, window_from_text
 from ..models import BACKENDS, DEFAULT_MODEL, DEVICES, MODEL_NAMES
 from ..requests import add_option_arguments, options_from_arguments
+from .annotate_io import check_paths, read_existing, segments_to_write, write_seg_output
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -19,10 +20,14 @@ def register(p: argparse.ArgumentParser) -> None:
                      "Slicer segmentation; .png a 2D label image; any other extension a labelmap.")
     p.add_argument("image", type=Path, help="NRRD, NIfTI, MHA, a DICOM series folder, or PNG/JPEG/TIFF/BMP")
     p.add_argument("--prompts", type=Path, required=True, help="the prompt document (JSON)")
-    p.add_argument("--output", "-o", type=Path, required=True, help="OUT: .seg.nrrd, .nrrd, .nii.gz, .mha or .png")
+    p.add_argument("--output", "-o", type=Path, required=True,
+                   help="OUT: .seg.nrrd, .nrrd, .nii.gz, .mha, .png, or .dcm (a DICOM SEG; IMAGE a DICOM series)")
+    p.add_argument("--series", metavar="UID", help="the SeriesInstanceUID to read when IMAGE is a folder of "
+                   "several DICOM series")
     add_model_arguments(p)
     p.add_argument("--window", help=f"overrides the document's window: {', '.join(WINDOW_NAMES)} or LOW,HIGH")
-    p.add_argument("--existing", type=Path, help="a segmentation whose labels are kept (locked slices read it)")
+    p.add_argument("--existing", type=Path, help="a segmentation whose labels are kept (locked slices read it): "
+                   "a labelmap, a .seg.nrrd, or a DICOM SEG of the IMAGE series")
     add_option_arguments(p)
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--report", type=Path, metavar="JSON", help="write each slice's confidence here, least "
@@ -52,12 +57,14 @@ def run(args: argparse.Namespace) -> int:
 
     from ..annotate import annotate
     from ..io.images import read_image
-    from ..io.labels import check_output, read_labels, segment_colour, write_labels
+    from ..io.labels import check_output, write_labels
     from ..models import load_model
     from ..prompts import parse_prompts
 
     output: Path = args.output
-    check_output(output, args.image, replace=args.force)  # before minutes of work, not after
+    seg_output, seg_existing = check_paths(args)
+    if not seg_output:
+        check_output(output, args.image, replace=args.force)  # before minutes of work, not after
     try:
         document = json.loads(args.prompts.read_text())
     except FileNotFoundError:
@@ -68,17 +75,18 @@ def run(args: argparse.Namespace) -> int:
     if args.window is not None and isinstance(document, dict):
         document["window"] = window_from_text(args.window)
     options = options_from_arguments(args)
-    volume = read_image(args.image)
+    volume = read_image(args.image, series_uid=args.series)
     prompts = parse_prompts(document, volume.size)
-    existing = None
-    if args.existing is not None:
-        existing, _ = read_labels(args.existing, volume)
+    existing, existing_names = read_existing(args, volume, seg_existing)
+    segments, codes = segments_to_write(prompts, existing_names, volume, seg_output)
     model = load_model(args.model, args.checkpoint, args.device, args.backend)
     with tqdm(total=1, desc="segmenting", unit="slice", file=sys.stderr) as bar:
         result = annotate(volume.array, volume.direction, prompts, model, options=options, existing=existing,
                           progress=progress_bar(bar))
-    segments = [(s.name, s.label, segment_colour(n)) for n, s in enumerate(prompts.segments)]
-    write_labels(output, result.labels, volume, segments, input_path=args.image, replace=args.force)
+    if seg_output:
+        write_seg_output(args, result.labels, volume, segments, codes)
+    else:
+        write_labels(output, result.labels, volume, segments, input_path=args.image, replace=args.force)
     summary = {"output": str(output), "model": args.model, "backend": args.backend, "device": model.device,
                **result.summary()}
     summary["notes"] = volume.notes + summary["notes"]

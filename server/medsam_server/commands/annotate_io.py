@@ -27,6 +27,8 @@ def check_paths(args: argparse.Namespace) -> tuple[bool, bool]:
 
     series_folder = args.image.is_dir()
     seg_output = suffix(args.output) == SEG_SUFFIX
+    if seg_output and args.output.exists() and not args.force:
+        raise InputError(f"{args.output} exists; pass --force to replace it")
     if seg_output and not series_folder:
         raise InputError(f"a DICOM SEG output ({args.output.name}) is made on a DICOM series: give the series' "
                          f"folder as IMAGE, or write {', '.join(OUTPUT_SUFFIXES)}")
@@ -76,14 +78,8 @@ def segments_to_write(prompts, existing_names: dict[int, str], volume, seg_outpu
     return segments, codes
 
 
-def write_result(args: argparse.Namespace, labels: np.ndarray, volume, segments: list, codes: dict,
-                 seg_output: bool) -> None:
-    """Write the run's (k, j, i) labels to --output: a DICOM SEG of the series, or what ``write_labels`` writes."""
-    if seg_output:
-        from ..io.dicomseg import write_seg
+def write_seg_output(args: argparse.Namespace, labels: np.ndarray, volume, segments: list, codes: dict) -> None:
+    """Write the run's (k, j, i) labels to --output as a DICOM SEG of the series the image was read from."""
+    from ..io.dicomseg import write_seg
 
-        write_seg(args.output, labels, volume.dicom, segments, model=args.model, codes=codes)
-    else:
-        from ..io.labels import write_labels
-
-        write_labels(args.output, labels, volume, segments, input_path=args.image)
+    write_seg(args.output, labels, volume.dicom, segments, model=args.model, codes=codes, replace=args.force)

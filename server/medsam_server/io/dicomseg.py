@@ -186,13 +186,15 @@ def write_seg(
     model: str = "litemedsam",
     codes: Optional[Mapping[str, object]] = None,
     series_description: str = "MedSAM segmentation",
+    replace: bool = True,
 ) -> Path:
     """Write (k, j, i) ``labels`` on ``series``' grid as a DICOM SEG at ``path``; return the path.
 
     ``segments`` are (name, label, (r, g, b) in 0..1) as for ``write_labels``; each becomes one
     segment, numbered 1..N in order of label. ``codes`` maps a segment name to the code the user
     gave for it (see :func:`segment_code`); other names are looked up. ``model`` is the model's
-    CLI name. Everything is checked before a byte is written; the file appears only when complete.
+    CLI name. Everything is checked before a byte is written; the file appears only when complete,
+    and with ``replace=False`` never over a file of that name, even one that appeared meanwhile.
     """
     import highdicom as hd
     from pydicom.uid import generate_uid
@@ -226,9 +228,15 @@ def write_seg(
         tmp = path.parent / f".tmp-{secrets.token_hex(4)}-{path.name}"
         try:
             seg.save_as(tmp)
-            os.replace(tmp, path)
+            if replace:
+                os.replace(tmp, path)
+            else:
+                os.link(tmp, path)  # fails if the name was taken while the labels were computed
         finally:
             tmp.unlink(missing_ok=True)
+    except FileExistsError:
+        raise InputError(f"{path} appeared while the labels were computed; it was kept as it is. Pass --force to "
+                         "replace it, or choose another output") from None
     except OSError as err:
         raise InputError(f"cannot write {path}: {err.strerror or err}") from None
     return path

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -31,6 +31,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 #: 2D picture formats read through Pillow (and SimpleITK for their pixels where it keeps 16 bits).
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
+#: Single files that may be DICOM objects (many have no extension at all).
+DICOM_FILE_SUFFIXES = ("", ".dcm", ".dicom", ".ima")
 
 # Pillow modes whose pixels Pillow must convert (palette, bilevel, other colour spaces, gray + alpha
 # which SimpleITK cannot read); every other mode is read by SimpleITK, which keeps 16-bit RGB.
@@ -49,6 +51,7 @@ class Volume:
     origin: tuple[float, float, float]
     direction: np.ndarray
     notes: list[str] = field(default_factory=list)
+    dicom: Any = None  # io.dicom.DicomSeries when read from a DICOM series folder: what a SEG references
 
     @property
     def rgb(self) -> bool:
@@ -216,53 +219,34 @@ def _convert_with_pillow(picture: Image.Image, notes: list[str]) -> np.ndarray:
     return np.asarray(picture.convert("RGB"))
 
 
-def _read_dicom_folder(folder: Path) -> Volume:
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if not series:
-        raise InputError(f"folder {folder} holds no DICOM series; give an image file or a DICOM series folder")
-    if len(series) > 1:
-        listing = "; ".join(_describe_series(folder, uid) for uid in series)
-        raise InputError(f"folder {folder} holds {len(series)} DICOM series; put the one to segment in its own "
-                         f"folder. Series: {listing}")
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    try:
-        image = reader.Execute()
-    except RuntimeError as err:
-        raise InputError(f"cannot read the DICOM series in {folder}: {sitk_message(err)}") from None
-    return _volume_from_sitk(image, f"DICOM series in {folder}", [])
+def _read_dicom_folder(folder: Path, series_uid: Optional[str]) -> Volume:
+    from .dicom import read_dicom_series
+
+    image, series = read_dicom_series(folder, series_uid)
+    volume = _volume_from_sitk(image, f"DICOM series in {folder}", list(series.notes))
+    volume.dicom = series
+    return volume
 
 
-def _describe_series(folder: Path, uid: str) -> str:
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-    description = ""
-    try:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(files[0])
-        reader.ReadImageInformation()
-        if reader.HasMetaDataKey("0008|103e"):
-            description = reader.GetMetaData("0008|103e").strip()
-    except RuntimeError:
-        pass  # the description only decorates the message
-    label = f" '{description}'" if description else ""
-    return f"{uid}{label} ({len(files)} files)"
-
-
-def read_image(path: PathLike) -> Volume:
+def read_image(path: PathLike, series_uid: Optional[str] = None) -> Volume:
     """Read an image file or a DICOM series folder into a :class:`Volume`.
 
     Raises InputError for a missing path, an unreadable file, an animated or multi-page picture,
-    4D or 2-channel data, an image smaller than 2x2 pixels, and a folder with zero or several
-    DICOM series (the message lists them).
+    4D or 2-channel data, an image smaller than 2x2 pixels, and a DICOM folder that is not one
+    even stack of image slices (``io.dicom`` says which and why; ``series_uid`` picks one series
+    of several). A volume read from a DICOM folder keeps its source in ``Volume.dicom``.
     """
     path = Path(path)
     if not path.exists():
         raise InputError(f"image {path} does not exist")
     if path.is_dir():
-        return _read_dicom_folder(path)
+        return _read_dicom_folder(path, series_uid)
     if suffix(path) in RASTER_SUFFIXES:
         return _read_raster(path)
+    if suffix(path) in DICOM_FILE_SUFFIXES:
+        from .dicom import refuse_non_image_file
+
+        refuse_non_image_file(path)  # an SR or SEG would otherwise fail deep inside SimpleITK
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as err:
