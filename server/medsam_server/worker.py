@@ -186,6 +186,18 @@ class ModelWorker:
                 return
             self._queues[priority].setdefault(owner, deque()).append(item)
             self._condition.notify_all()  # two threads wait: the one for this kind of work must wake
+        item.future.add_done_callback(lambda future: self._forget(item, priority, owner))
+
+    def _forget(self, item, priority: int, owner: str) -> None:
+        """A request's future is settled: if it was cancelled (its client went away), out of the queue now."""
+        with self._condition:
+            self._release(item)
+            queue = self._queues[priority].get(owner, ())
+            place = next((n for n, queued in enumerate(queue) if queued is item), None)  # `is`: items hold arrays
+            if item.future.cancelled() and place is not None:
+                del queue[place]
+                if not queue:
+                    del self._queues[priority][owner]
 
     def _release(self, item) -> None:
         """Under the lock: an embedding request leaves the queue for good; its slices stop counting."""
