@@ -642,19 +642,24 @@ def test_cancelling_an_annotate_stops_it_and_returns_nothing(served):
     client.delete(session)
 
 
+def wait_until_serving(client: MedSAMClient, process) -> None:
+    """Until a ``serve_subprocess`` answers (the model loads before the port opens); fails if it died."""
+    for _ in range(600):
+        try:
+            client.check_compatible()
+            return
+        except client_module.ServerNotRunning:
+            assert process.poll() is None, process.stdout.read().decode()
+            time.sleep(0.5)
+
+
 def test_killing_the_server_during_annotate_gives_a_clear_error_and_no_result(tmp_path):
     volume, labels, direction = ct_volume()
     port = free_port()
     process = serve_subprocess(port, env={"OMP_NUM_THREADS": "1", "MEDSAM_TOKEN": ""})
     try:
         client = MedSAMClient(f"http://127.0.0.1:{port}", timeout=120, retries=2, backoff=0.25)
-        for _ in range(600):  # the model loads before the port opens
-            try:
-                client.check_compatible()
-                break
-            except client_module.ServerNotRunning:
-                assert process.poll() is None, process.stdout.read().decode()
-                time.sleep(0.5)
+        wait_until_serving(client, process)
         session = client.upload_volume(np.ascontiguousarray(volume[24:27]), direction=direction)
         box = bounding_box(labels[25] == LEFT_LUNG).tolist()
         document = {"window": WINDOW, "segments": [{"boxes": [{"slice": 0, "box": box}, {"slice": 2, "box": box}]}]}
@@ -684,13 +689,7 @@ def test_serve_exits_by_itself_once_the_watched_process_is_gone():
                                                                           "MEDSAM_TOKEN": ""})
     try:
         client = MedSAMClient(f"http://127.0.0.1:{port}", timeout=30)
-        for _ in range(600):  # the model loads before the port opens
-            try:
-                client.check_compatible()
-                break
-            except client_module.ServerNotRunning:
-                assert process.poll() is None, process.stdout.read().decode()
-                time.sleep(0.5)
+        wait_until_serving(client, process)
         time.sleep(1.5)
         assert process.poll() is None  # alive while the watched process is
         os.kill(watched.pid, signal.SIGKILL)  # not reaped yet: a zombie until watched.wait() below
