@@ -37,7 +37,9 @@ class Settings:
     port: int = DEFAULT_PORT
     model: str = DEFAULT_MODEL
     checkpoint: Optional[str] = None
-    backend: str = "torch"
+    backend: str = "auto"  # ONNX Runtime on a CPU when installed, torch otherwise
+    precision: str = "fp32"
+    threads: Optional[int] = None  # ONNX Runtime intra-op threads (None: the physical cores)
     device: str = "auto"
     tokens: tuple[str, ...] = ()  # empty: no auth (loopback only); several: one per user, each owns its sessions
     cache_gb: float = 2.0
@@ -96,7 +98,8 @@ class Server:
     async def start(self) -> None:
         s = self.settings
         if self.model is None:
-            self.model = await self.run(load_model, s.model, s.checkpoint, s.device, s.backend)
+            self.model = await self.run(load_model, s.model, s.checkpoint, s.device, s.backend, False,
+                                        s.precision, s.threads)
         self.worker = ModelWorker(self.model, self.cache, s.encode_chunk)
         self.worker.start()
         total_bytes = int(s.max_sessions_gb * 2**30)
@@ -161,7 +164,8 @@ class Server:
             cache = {"budget_bytes": cache["budget_bytes"], "shared": s.share_cache}
             worker = {"queued": worker["queued"], "encode_chunk": worker["encode_chunk"]}
         return {"api_version": API_VERSION, "version": __version__, "model": model.name, "device": str(model.device),
-                "backend": s.backend, "auth": bool(s.tokens), "sessions": self.sessions.count(owner),
+                "backend": getattr(model, "backend", s.backend), "precision": getattr(model, "precision", "fp32"),
+                "auth": bool(s.tokens), "sessions": self.sessions.count(owner),
                 "session_idle_seconds": s.session_idle_seconds, "cache": cache,
                 "worker": worker, "limits": s.limits.as_dict(),
                 "image_dtypes": list(IMAGE_DTYPES), "label_dtypes": list(LABEL_DTYPES)}

@@ -195,8 +195,8 @@ def test_random_vit_b_decoder_graph_matches_torch(tmp_path):
         got = session.run(["logits"], feed)[0]
         assert got.shape == (n, 1, 256, 256)
         assert np.abs(got - expected.numpy()).max() < 1e-4
-        p_torch = MEDSAM_RECIPE.logits_to_probabilities(expected, (512, 512)).numpy()
-        p_onnx = MEDSAM_RECIPE.logits_to_probabilities(torch.from_numpy(got), (512, 512)).numpy()
+        p_torch = MEDSAM_RECIPE.logits_to_probabilities(expected.numpy(), (512, 512))
+        p_onnx = MEDSAM_RECIPE.logits_to_probabilities(got, (512, 512))
         assert_same_masks(p_torch, p_onnx)
 
 
@@ -220,7 +220,7 @@ def test_export_onnx_command_writes_runnable_graphs(tmp_path, lite_torch, ct, ca
     coords = LITEMEDSAM_RECIPE.coords_to_input(boxes[:2, 0].reshape(-1, 2, 2), SHAPE).astype(np.float32)
     logits = decoder.run(["logits"], {"embeddings": embeddings, "coords": coords, "labels": np.tile([2, 3], (2, 1))})[0]
     assert_same_masks(lite_torch.decode(embeddings, boxes[:2, 0], SHAPE),
-                      LITEMEDSAM_RECIPE.logits_to_probabilities(torch.from_numpy(logits), SHAPE).numpy())
+                      LITEMEDSAM_RECIPE.logits_to_probabilities(logits, SHAPE))
 
 
 def test_export_onnx_command_rejects_a_missing_checkpoint(tmp_path, capsys):

@@ -10,7 +10,7 @@ from typing import Optional
 
 from ..errors import InputError
 from ..intensity import WINDOW_NAMES, window_from_text
-from ..models import BACKENDS, DEFAULT_MODEL, DEVICES, MODEL_NAMES
+from ..models import BACKENDS, DEFAULT_BACKEND, DEFAULT_MODEL, DEVICES, MODEL_NAMES, PRECISIONS
 from ..requests import add_option_arguments, options_from_arguments
 from .annotate_io import check_paths, read_existing, segments_to_write, write_seg_output
 
@@ -39,7 +39,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """The model options every command that runs a model shares."""
     p.add_argument("--model", choices=MODEL_NAMES, default=DEFAULT_MODEL)
     p.add_argument("--checkpoint", type=Path, help="weights file (default: bundled / downloaded once)")
-    p.add_argument("--backend", choices=BACKENDS, default="torch")
+    p.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND,
+                   help="auto (default): ONNX Runtime on a CPU, torch on a GPU")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="int8: the quantized encoder (ONNX backend; faster on a CPU, masks within 0.005 Dice)")
+    p.add_argument("--threads", type=int, metavar="N", help="ONNX Runtime threads (default: the physical cores)")
     p.add_argument("--device", choices=DEVICES, default="auto")
 
 
@@ -79,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     prompts = parse_prompts(document, volume.size)
     existing, existing_names = read_existing(args, volume, seg_existing)
     segments, codes = segments_to_write(prompts, existing_names, volume, seg_output)
-    model = load_model(args.model, args.checkpoint, args.device, args.backend)
+    model = load_model(args.model, args.checkpoint, args.device, args.backend, precision=args.precision,
+                       threads=args.threads)
     with tqdm(total=1, desc="segmenting", unit="slice", file=sys.stderr) as bar:
         result = annotate(volume.array, volume.direction, prompts, model, options=options, existing=existing,
                           progress=progress_bar(bar))
@@ -87,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         write_seg_output(args, result.labels, volume, segments, codes)
     else:
         write_labels(output, result.labels, volume, segments, input_path=args.image, replace=args.force)
-    summary = {"output": str(output), "model": args.model, "backend": args.backend, "device": model.device,
+    summary = {"output": str(output), "model": args.model, "backend": model.backend,
+               "precision": model.precision, "device": model.device,
                **result.summary()}
     summary["notes"] = volume.notes + summary["notes"]
     print(json.dumps(summary, indent=2))

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 
 from ..errors import InputError
-from ..models import BACKENDS, DEFAULT_MODEL, DEVICES, MODEL_NAMES
+from ..models import BACKENDS, DEFAULT_BACKEND, DEFAULT_MODEL, DEVICES, MODEL_NAMES, PRECISIONS
 from ..protocol import DEFAULT_HOST, DEFAULT_PORT
 
 WATCH_PERIOD_SECONDS = 0.5
@@ -36,7 +36,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (default %(default)s)")
     parser.add_argument("--model", choices=MODEL_NAMES, default=DEFAULT_MODEL, help="model (default %(default)s)")
     parser.add_argument("--checkpoint", metavar="PATH", help="weights file (default: bundled or downloaded)")
-    parser.add_argument("--backend", choices=BACKENDS, default="torch", help="runtime (default torch)")
+    parser.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND,
+                        help="runtime (default auto: ONNX Runtime on a CPU, torch on a GPU)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="int8: the quantized encoder (ONNX backend) (default fp32)")
+    parser.add_argument("--threads", type=int, metavar="N", help="ONNX Runtime threads (default: the physical cores)")
     parser.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} or cuda:N (default auto)")
     parser.add_argument("--token-file", metavar="FILE",
                         help=f"file of bearer tokens, one per line (or set {TOKEN_ENV}); needed off loopback")
@@ -142,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
     from ..models import load_model
 
     settings = Settings(host=args.host, port=args.port, model=args.model, checkpoint=args.checkpoint,
-                        backend=args.backend, device=args.device, tokens=read_tokens(args.token_file),
+                        backend=args.backend, precision=args.precision, threads=args.threads, device=args.device,
+                        tokens=read_tokens(args.token_file),
                         cache_gb=args.cache_gb, cache_fp16=args.cache_fp16, max_upload_mb=args.max_upload_mb,
                         session_idle_seconds=args.idle_minutes * 60.0, max_sessions=args.max_sessions,
                         max_sessions_per_token=args.max_sessions_per_token, share_cache=args.share_cache)
@@ -152,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
     if args.watch_pid is not None and not process_alive(args.watch_pid):
         raise InputError(f"--watch-pid {args.watch_pid}: no such process")
     # Load here, not at app start-up, so that a bad checkpoint or device is a one-line error (exit 2).
-    model = load_model(settings.model, settings.checkpoint, settings.device, settings.backend)
+    model = load_model(settings.model, settings.checkpoint, settings.device, settings.backend,
+                       precision=settings.precision, threads=settings.threads)
     app = build_app(settings, model=model)
     if not settings.tokens:  # a web page in the user's browser must not reach it through DNS rebinding
         app = LoopbackHostOnly(app)

@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     reference, names = read_labels(args.ref, volume)
     targets = target_labels(names, args.labels)
     window = window_from_text(args.window)
-    model = load_model(args.model, args.checkpoint, args.device, args.backend)
+    model = load_model(args.model, args.checkpoint, args.device, args.backend, precision=args.precision,
+                       threads=args.threads)
     cache = EmbeddingCache()  # shared by every K: each slice is encoded once
     options = options_from_arguments(args)
     rows = []

@@ -24,6 +24,7 @@ from ..errors import InputError
 from ..geometry import check_box
 from ..intensity import to_uint8
 from ..stack import MASK_THRESHOLD
+from .allocator import keep_freed_memory
 
 # Prompt labels as SAM's prompt encoder numbers its learned embeddings.
 LABEL_PAD, LABEL_BACKGROUND, LABEL_FOREGROUND, LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT = -1, 0, 1, 2, 3
@@ -80,7 +81,7 @@ class Recipe:
     input_size: int
     image_to_input: Callable[[np.ndarray], np.ndarray]
     pixel_scale: Callable[[tuple[int, int]], tuple[float, float]]
-    logits_to_probabilities: Callable[[torch.Tensor, tuple[int, int]], torch.Tensor]
+    logits_to_probabilities: Callable[[np.ndarray, tuple[int, int]], np.ndarray]
     embedding_shape: tuple[int, int, int] = (256, 64, 64)
 
     def coords_to_input(self, coords: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -109,17 +110,23 @@ class Runtime(Protocol):
     """Tensor work of one model on one device: torch modules or ONNX Runtime sessions."""
 
     device: str
+    backend: str  # "torch" or "onnx"
+    precision: str  # "fp32" or "int8" (the encoder's weights)
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         """(N, 3, S, S) float32 model input -> (N, 256, 64, 64) float32 embeddings."""
 
-    def decode(self, embeddings: np.ndarray, coords: np.ndarray, labels: np.ndarray) -> torch.Tensor:
-        """Embeddings, coords (N, K, 2) in model pixels, labels (N, K) -> (N, 1, 256, 256) logits (CPU)."""
+    def decode(self, embeddings: np.ndarray, coords: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Embeddings, coords (N, K, 2) in model pixels, labels (N, K) -> (N, 1, 256, 256) float32 logits."""
 
 
 class TorchRuntime:
+    backend, precision = "torch", "fp32"
+
     def __init__(self, encoder: nn.Module, decoder: PromptedMaskDecoder, device: str, autocast_bf16: bool = False):
         self.device = device
+        if device == "cpu":
+            keep_freed_memory()
         self.encoder = encoder.to(device).eval()
         self.decoder = decoder.to(device).eval()
         # bf16 autocast only where it helps: a CUDA device (CPU bf16 matmuls are slower here).
@@ -135,12 +142,12 @@ class TorchRuntime:
         return out.float().cpu().numpy()
 
     @torch.inference_mode()
-    def decode(self, embeddings: np.ndarray, coords: np.ndarray, labels: np.ndarray) -> torch.Tensor:
+    def decode(self, embeddings: np.ndarray, coords: np.ndarray, labels: np.ndarray) -> np.ndarray:
         emb = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32)).to(self.device)
         with self._autocast():
             logits = self.decoder(emb, torch.from_numpy(coords.astype(np.float32)).to(self.device),
                                   torch.from_numpy(labels.astype(np.int64)).to(self.device))
-        return logits.float().cpu()
+        return logits.float().cpu().numpy()
 
 
 class PromptableModel:
@@ -160,6 +167,14 @@ class PromptableModel:
     @property
     def device(self) -> str:
         return self.runtime.device
+
+    @property
+    def backend(self) -> str:
+        return self.runtime.backend
+
+    @property
+    def precision(self) -> str:
+        return self.runtime.precision
 
     @property
     def embedding_shape(self) -> tuple[int, int, int]:
@@ -218,7 +233,7 @@ class PromptableModel:
             coords = np.concatenate([self.recipe.coords_to_input(pts, image_shape), coords], axis=1)
             labels = np.concatenate([lab, labels], axis=1)
         logits = self.runtime.decode(embeddings, coords, labels)
-        return self.recipe.logits_to_probabilities(logits, image_shape).numpy()
+        return self.recipe.logits_to_probabilities(logits, image_shape)
 
     def segment(self, image2d: np.ndarray, box: Sequence[float], window="auto") -> np.ndarray:
         """Convenience: one (H, W) or (H, W, 3) image and one box in its pixels -> (H, W) bool mask.

@@ -41,10 +41,10 @@ def pixel_scale(shape: tuple[int, int]) -> tuple[float, float]:
     return (INPUT_SIZE / cols, INPUT_SIZE / rows)
 
 
-def logits_to_probabilities(logits: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """(N, 1, 256, 256) logits -> (N, H, W) probabilities: sigmoid, then bilinear."""
-    probs = torch.sigmoid(logits.float())
-    return F.interpolate(probs, size=shape, mode="bilinear", align_corners=False)[:, 0]
+def logits_to_probabilities(logits: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(N, 1, 256, 256) logits -> (N, H, W) float32 probabilities: sigmoid, then bilinear."""
+    probs = torch.sigmoid(torch.as_tensor(np.asarray(logits, dtype=np.float32)))
+    return F.interpolate(probs, size=shape, mode="bilinear", align_corners=False)[:, 0].numpy()
 
 
 RECIPE = Recipe("medsam", INPUT_SIZE, image_to_input, pixel_scale, logits_to_probabilities)

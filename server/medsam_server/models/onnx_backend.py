@@ -24,6 +24,7 @@ import inspect
 import json
 import os
 import sys
+import time
 import types
 import uuid
 import warnings
@@ -71,16 +72,52 @@ def _providers(device: str) -> tuple[list, str]:
     return ["CPUExecutionProvider"], "cpu"
 
 
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads share a core's arithmetic units)."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in allowed:
+        try:
+            topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
+        except OSError:  # no sysfs (macOS, Windows): count logical CPUs
+            return max(1, len(allowed))
+    return max(1, len(cores))
+
+
+def session_options(threads: Optional[int] = None):
+    """ONNX Runtime session options measured on a 2-core laptop CPU (bench/speed.py).
+
+    Intra-op threads = physical cores (one thread: 1.5x slower; more than the cores: slower),
+    one inter-op thread and sequential execution (these graphs are one chain of ops: the
+    parallel executor only adds hand-offs), every graph optimisation, the memory arena on
+    (it keeps the minor page faults of a run ~20x under torch's).
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or physical_cores()
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.enable_cpu_mem_arena = True
+    return options
+
+
 class OnnxRuntime:
     """Encoder and decoder as ONNX Runtime sessions; the :class:`.base.Runtime` protocol."""
 
-    def __init__(self, encoder_path: Path, decoder_path: Path, device: str = "cpu"):
+    backend = "onnx"
+
+    def __init__(self, encoder_path: Path, decoder_path: Path, device: str = "cpu", threads: Optional[int] = None,
+                 precision: str = "fp32"):
         import onnxruntime as ort
 
+        self.precision = precision
         providers, self.device = _providers(device)
         try:
-            self.encoder = ort.InferenceSession(str(encoder_path), providers=providers)
-            self.decoder = ort.InferenceSession(str(decoder_path), providers=providers)
+            self.encoder = ort.InferenceSession(str(encoder_path), session_options(threads), providers=providers)
+            self.decoder = ort.InferenceSession(str(decoder_path), session_options(threads), providers=providers)
         except Exception as err:  # onnxruntime raises its own types for a damaged graph
             raise InputError(f"cannot load the ONNX graphs in {Path(encoder_path).parent} ({err}); "
                              f"delete that folder to export them again") from None
@@ -90,14 +127,14 @@ class OnnxRuntime:
         feed = {ENCODER_INPUTS[0]: np.ascontiguousarray(images, dtype=np.float32)}
         return self.encoder.run(ENCODER_OUTPUTS, feed)[0]
 
-    def decode(self, embeddings: np.ndarray, coords: np.ndarray, labels: np.ndarray) -> torch.Tensor:
+    def decode(self, embeddings: np.ndarray, coords: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """Embeddings (N, 256, 64, 64), coords (N, K, 2) model pixels, labels (N, K) -> (N, 1, 256, 256) logits."""
         feed = {
             "embeddings": np.ascontiguousarray(embeddings, dtype=np.float32),
             "coords": np.ascontiguousarray(coords, dtype=np.float32),
             "labels": np.ascontiguousarray(labels, dtype=np.int64),
         }
-        return torch.from_numpy(self.decoder.run(DECODER_OUTPUTS, feed)[0])
+        return self.decoder.run(DECODER_OUTPUTS, feed)[0]
 
 
 # ------------------------------------------------------------------ cache folder
@@ -137,21 +174,33 @@ def graph_folder(model_name: str, checkpoint: Optional[Path] = None) -> Path:
 
 
 def onnx_runtime(
-    model_name: str, checkpoint: Optional[Path], device: str, build_torch_modules: ModuleBuilder
+    model_name: str, checkpoint: Optional[Path], device: str, build_torch_modules: ModuleBuilder,
+    precision: str = "fp32", threads: Optional[int] = None,
 ) -> OnnxRuntime:
     """The ONNX runtime of a model, exporting its graphs into the cache folder first if they are missing.
 
     ``build_torch_modules()`` -> (image encoder, PromptedMaskDecoder) is called only
-    when a graph must be exported (it loads and checks the checkpoint).
+    when a graph must be exported (it loads and checks the checkpoint). ``precision``
+    ``int8`` runs the int8 encoder (made once from the fp32 one, ``quantize.py``).
     """
+    from .quantize import INT8_ENCODER_FILE, PRECISIONS, quantize_encoder
+
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     folder = graph_folder(model_name, checkpoint)
     encoder_path, decoder_path = folder / ENCODER_FILE, folder / DECODER_FILE
     if not (encoder_path.is_file() and decoder_path.is_file()):
         print(f"Exporting the {model_name} graphs to ONNX into {folder} (once; later runs reuse them)",
-              file=sys.stderr)
+              file=sys.stderr, flush=True)
         encoder, decoder = build_torch_modules()
-        _export_graphs(encoder, decoder, folder, _manifest(model_name, checkpoint), only_missing=True)
-    return OnnxRuntime(encoder_path, decoder_path, device)
+        _export_graphs(encoder, decoder, folder, _manifest(model_name, checkpoint), only_missing=True, progress=True)
+    if precision == "int8":
+        int8_path = folder / INT8_ENCODER_FILE
+        if not int8_path.is_file():
+            print(f"Quantizing the {model_name} encoder to int8 into {folder} (once)", file=sys.stderr, flush=True)
+            quantize_encoder(encoder_path, int8_path)
+        encoder_path = int8_path
+    return OnnxRuntime(encoder_path, decoder_path, device, threads, precision)
 
 
 # ------------------------------------------------------------------ export
@@ -189,17 +238,24 @@ def _manifest(model_name: str, checkpoint: Optional[Path]) -> dict:
 
 
 def _export_graphs(encoder: nn.Module, decoder: PromptedMaskDecoder, folder: Path, manifest: dict,
-                   only_missing: bool) -> list[Path]:
+                   only_missing: bool, progress: bool = False) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     size = int(decoder.prompt_encoder.input_image_size[0])  # the square model input S
     manifest = {**manifest, "input_size": size}
     encoder_path, decoder_path = folder / ENCODER_FILE, folder / DECODER_FILE
-    if not (only_missing and decoder_path.is_file()):
-        export_decoder(decoder, decoder_path)
-    if not (only_missing and encoder_path.is_file()):
-        export_encoder(encoder, encoder_path, size)
+    steps = [(path, export) for path, export in (
+        (decoder_path, lambda: export_decoder(decoder, decoder_path)),
+        (encoder_path, lambda: export_encoder(encoder, encoder_path, size)),
+    ) if not (only_missing and path.is_file())]
+    for step, (path, export) in enumerate(steps, start=1):
+        started = time.perf_counter()
+        if progress:
+            print(f"  [{step}/{len(steps)}] {path.name} ...", end="", file=sys.stderr, flush=True)
+        export()
+        if progress:
+            print(f" {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     manifest_path = folder / MANIFEST_FILE
-    _write_atomically(manifest_path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
+    write_atomically(manifest_path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
     return [encoder_path, decoder_path, manifest_path]
 
 
@@ -231,10 +287,10 @@ def _export(module: nn.Module, example: tuple, input_names: list, output_names: 
             torch.onnx.export(module, example, str(tmp), dynamo=False, opset_version=OPSET,
                               input_names=input_names, output_names=output_names, dynamic_axes=axes)
 
-    _write_atomically(path, write)
+    write_atomically(path, write)
 
 
-def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """Write to a temporary name beside ``path``, then rename: readers never see half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part")
     try:
