@@ -293,6 +293,21 @@ def test_a_request_whose_headers_never_end_is_closed(open_server):
     assert closed_after < 20
 
 
+def test_a_body_that_stops_arriving_is_dropped(open_server):
+    """An upload that sends its headers and 10 of the 100,000 bytes it announced, then nothing."""
+    with socket.create_connection(("127.0.0.1", open_server.port), timeout=60) as connection:
+        connection.sendall(f"POST /sessions HTTP/1.1\r\nHost: 127.0.0.1:{open_server.port}\r\n"
+                           f"Content-Type: {ENVELOPE}\r\nContent-Length: 100000\r\n\r\n".encode() + b"MSW1" + bytes(6))
+        start = time.monotonic()
+        with contextlib.suppress(ConnectionResetError):
+            while connection.recv(4096) and time.monotonic() - start < 60:
+                pass  # an answer, if any, then the close
+        closed_after = time.monotonic() - start
+    print(f"stalled body dropped after {closed_after:.1f} s")
+    assert closed_after < 45
+    assert open_server.health_seconds() < 1.0
+
+
 # ------------------------------------------------------------------ 6. cheap requests that cost a lot
 
 
