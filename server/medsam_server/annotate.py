@@ -125,10 +125,12 @@ def plan(prompts: PromptDocument, options: AnnotateOptions) -> Plan:
 
 
 def slices_to_decode(prompts: PromptDocument, boxes: Plan) -> list[int]:
-    """Every slice some segment decodes (its planned range less its locked slices), sorted."""
+    """Every slice some segment decodes in the document's window (its planned range less its locked
+    slices), sorted; segments with a window of their own see other embeddings."""
     needed: set[int] = set()
     for segment in prompts.segments:
-        needed |= set(boxes[segment.label]) - set(segment.locked_slices)
+        if segment.window is None or segment.window == prompts.window:
+            needed |= set(boxes[segment.label]) - set(segment.locked_slices)
     return sorted(needed)
 
 
@@ -213,7 +215,13 @@ def annotate(
     run = _Run(stack, progress, should_stop, total, options.batch_size or model.decoder_batch)
     notes = list(prompts.notes)
     results, changed = [], set()
+    stacks = {repr(prompts.window): stack}  # one per window: a segment's own window sees its own slices
     for segment in prompts.segments:
+        window = prompts.window_of(segment)
+        if repr(window) not in stacks:
+            stacks[repr(window)] = SliceStack(array, direction, prompts.axis, window, stack.model, stack.cache,
+                                              options.orientation, stack.volume_key)
+        stack = run.stack = stacks[repr(window)]
         # Locked slices keep what the labelmap holds; it also joins the 3D post-processing so that
         # a locked slice inside the range does not split the segment in two.
         locked = {i: labels[slice_index(prompts.axis, i)] == segment.label for i in segment.locked_slices}

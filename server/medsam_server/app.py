@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from .embeddings import EmbeddingCache
 from .errors import Forbidden, InputError, Unauthorized, VersionMismatch
-from .models import DEFAULT_MODEL, load_model
+from .models import DEFAULT_MODEL, DEFAULT_PRECISION, load_model
 from .protocol import API_VERSION, DEFAULT_HOST, DEFAULT_PORT, MIN_TOKEN_LENGTH, Limits, MiB
 from .sessions import ServerSession, Sessions
 from .worker import ModelWorker
@@ -38,7 +38,7 @@ class Settings:
     model: str = DEFAULT_MODEL
     checkpoint: Optional[str] = None
     backend: str = "auto"  # ONNX Runtime on a CPU when installed, torch otherwise
-    precision: str = "fp32"
+    precision: str = DEFAULT_PRECISION
     threads: Optional[int] = None  # ONNX Runtime intra-op threads (None: the physical cores)
     device: str = "auto"
     tokens: tuple[str, ...] = ()  # empty: no auth (loopback only); several: one per user, each owns its sessions

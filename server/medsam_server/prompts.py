@@ -31,7 +31,7 @@ from .protocol import MAX_LABEL, MAX_SEGMENTS
 LINE_MARGIN_FRACTION = 0.1
 
 _DOCUMENT_KEYS = {"axis", "window", "segments"}
-_SEGMENT_KEYS = {"name", "label", "boxes", "lines", "locked_slices", "code"}
+_SEGMENT_KEYS = {"name", "label", "boxes", "lines", "locked_slices", "code", "window"}
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class SegmentPrompt:
     keyframes: list[Keyframe]  # sorted by slice, one per slice
     locked_slices: tuple[int, ...] = ()
     code: Any = None  # the user's DICOM code for a SEG output, checked by io.dicomseg.segment_code
+    window: Any = None  # this segment's own window (e.g. the spine in ct-bone); None: the document's
 
 
 @dataclass
@@ -58,6 +59,10 @@ class PromptDocument:
     window: Union[str, tuple[float, float]]
     segments: list[SegmentPrompt]
     notes: list[str] = field(default_factory=list)  # boxes clipped to the slice, and the like
+
+    def window_of(self, segment: SegmentPrompt) -> Union[str, tuple[float, float]]:
+        """The window ``segment`` is seen in: its own when it names one, else the document's."""
+        return self.window if segment.window is None else segment.window
 
 
 def line_box(lines: Sequence[np.ndarray], shape: tuple[int, int]) -> list[float]:
@@ -128,6 +133,12 @@ def _parse_segment(raw: Any, position: int, n_slices: int, shape: tuple[int, int
     label = raw.get("label", position)
     if not isinstance(label, int) or isinstance(label, bool) or not 1 <= label <= MAX_LABEL:
         raise InputError(f"{where}: label must be an integer 1..{MAX_LABEL}, got {label!r}")
+    window = None
+    if "window" in raw:
+        try:
+            window = parse_window(raw["window"])
+        except InputError as err:
+            raise InputError(f"{where}: {err}") from None
     keyframes = _box_keyframes(raw, where, n_slices, shape, notes)
     for index, lines in sorted(_lines_by_slice(raw, where, n_slices, shape).items()):
         if index in keyframes:
@@ -138,7 +149,7 @@ def _parse_segment(raw: Any, position: int, n_slices: int, shape: tuple[int, int
     locked = tuple(sorted({_slice_index(s, n_slices, where, "locked slice")
                            for s in _list(raw, "locked_slices", where)}))
     return SegmentPrompt(name=name.strip(), label=label, keyframes=[keyframes[k] for k in sorted(keyframes)],
-                         locked_slices=locked, code=raw.get("code"))
+                         locked_slices=locked, code=raw.get("code"), window=window)
 
 
 def _box_keyframes(raw: dict, where: str, n_slices: int, shape: tuple[int, int],

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 
 from ..errors import InputError
-from ..models import BACKENDS, DEFAULT_BACKEND, DEFAULT_MODEL, DEVICES, MODEL_NAMES, PRECISIONS
+from ..models import BACKENDS, DEFAULT_BACKEND, DEFAULT_MODEL, DEFAULT_PRECISION, DEVICES, MODEL_NAMES, PRECISIONS
 from ..protocol import DEFAULT_HOST, DEFAULT_PORT
 
 WATCH_PERIOD_SECONDS = 0.5
@@ -38,7 +38,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", metavar="PATH", help="weights file (default: bundled or downloaded)")
     parser.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND,
                         help="runtime (default auto: ONNX Runtime on a CPU, torch on a GPU)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+    parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
                         help="int8: the quantized encoder (ONNX backend) (default fp32)")
     parser.add_argument("--threads", type=int, metavar="N", help="ONNX Runtime threads (default: the physical cores)")
     parser.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} or cuda:N (default auto)")

@@ -20,6 +20,7 @@ DEFAULT_MODEL = "litemedsam"
 BACKENDS = ("auto", "torch", "onnx")
 DEFAULT_BACKEND = "auto"  # ONNX Runtime on a CPU when it is installed (2x torch there), torch otherwise
 PRECISIONS = ("fp32", "int8")  # int8: the ONNX encoder quantized (models/quantize.py)
+DEFAULT_PRECISION = "fp32"  # int8 becomes the default only where bench/speed.py shows it faster at Dice within 0.005
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -103,5 +104,5 @@ def load_model(
     return PromptableModel(name, module.RECIPE, runtime, encoder_batch=module.GPU_ENCODER_BATCH, decoder_batch=32)
 
 
-__all__ = ["BACKENDS", "DEFAULT_BACKEND", "DEFAULT_MODEL", "DEVICES", "MODEL_NAMES", "PRECISIONS", "family",
-           "load_model", "resolve_backend", "resolve_device"]
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "DEFAULT_MODEL", "DEFAULT_PRECISION", "DEVICES", "MODEL_NAMES", "PRECISIONS",
+           "family", "load_model", "resolve_backend", "resolve_device"]
