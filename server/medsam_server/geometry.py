@@ -42,8 +42,10 @@ def slice_shape(size_ijk: Sequence[int], axis: int) -> tuple[int, int]:
 def check_box(box: Sequence[float], shape: tuple[int, int], where: str = "") -> tuple[np.ndarray, Optional[str]]:
     """Validate an inclusive ``[x_min, y_min, x_max, y_max]`` box on a ``(rows, cols)`` slice.
 
-    A box partly outside the slice is clipped; the note says so. Reversed, zero-area
-    and wholly outside boxes are errors, since no mask could honestly answer them.
+    Inclusive voxel indices: ``x_min == x_max`` is a box one voxel wide (a target's first or
+    last slice, as real and simulated annotators mark it), valid like any other. A box partly
+    outside the slice is clipped; the note says so. Reversed and wholly outside boxes are
+    errors, since no mask could honestly answer them.
     """
     prefix = f"{where}: " if where else ""
     try:
@@ -54,8 +56,6 @@ def check_box(box: Sequence[float], shape: tuple[int, int], where: str = "") -> 
         raise InputError(f"{prefix}box {list(box)} has a non-finite coordinate")
     if x1 < x0 or y1 < y0:
         raise InputError(f"{prefix}box {list(box)} is reversed (min > max)")
-    if x1 == x0 or y1 == y0:
-        raise InputError(f"{prefix}box {list(box)} has zero area")
     rows, cols = shape
     if x1 < 0 or y1 < 0 or x0 > cols - 1 or y0 > rows - 1:
         raise InputError(f"{prefix}box {list(box)} lies outside the {cols}x{rows} slice")

@@ -310,8 +310,6 @@ def test_constant_slice_is_an_input_error(lite):
     [
         ([60, 10, 20, 50], r"box \[60, 10, 20, 50\] is reversed"),
         ([20, 50, 60, 10], r"is reversed"),
-        ([20, 30, 20, 70], r"box \[20, 30, 20, 70\] has zero area"),
-        ([20, 30, 70, 30], r"has zero area"),
         ([130, 10, 200, 50], r"lies outside the 128x128 slice"),
         ([-50, -40, -1, -2], r"lies outside the 128x128 slice"),
         ([10, 10, float("nan"), 50], r"non-finite coordinate"),
