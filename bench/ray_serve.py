@@ -284,6 +284,7 @@ def main() -> int:
         wait_ready(client_module, url)
         results["1 process, 1 reader"] = readers(client_module, url, 1, args.slices, scan)
         results[f"1 process, {args.readers} readers"] = readers(client_module, url, args.readers, args.slices, scan)
+        alone = client_module.MedSAMClient(url).info()  # after both runs, as the replicas' after theirs
     with ray_replicas(1, cores, ray_port):
         wait_ready(client_module, ray_url)
         results[f"Ray, 1 replica x {cores} cores, 1 reader"] = readers(client_module, ray_url, 1, args.slices, scan)
@@ -300,9 +301,9 @@ def main() -> int:
     walls = [wall for wall, _ in results.values()]
     print(f"Ray path overhead, one reader (same compute): {walls[2] / walls[0]:.3f}x the one process's wall time")
     print(f"{args.readers} readers: 2 replicas take {walls[3] / walls[1]:.3f}x the one process's wall time")
-    for replica in replicas:
-        cache, worker = replica["cache"], replica["worker"]
-        print(f"replica {replica['replica']}: cache hits {cache['hits']}, misses {cache['misses']}, "
+    for name, info in [("1 process (1 + 4 readers)", alone)] + [(f"replica {r['replica']}", r) for r in replicas]:
+        cache, worker = info["cache"], info["worker"]
+        print(f"{name}: cache hits {cache['hits']}, misses {cache['misses']}, "
               f"slices encoded {worker['encoded_slices']}")
     serve.shutdown()
     ray.shutdown()
