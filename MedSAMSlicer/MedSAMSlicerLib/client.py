@@ -20,8 +20,15 @@ axis 2, u = i and v = j); a mask is (rows = v, cols = u); an annotate block is
 Errors a user can act on, all :class:`MedSAMClientError` (a RuntimeError):
 :class:`ServerNotRunning` (refused, lost or silent connection), :class:`AuthError`,
 :class:`VersionMismatch`, :class:`RequestTooLarge`, :class:`UnknownSession` (expired:
-upload again), :class:`Cancelled`, and :class:`ServerError` with the server's message.
-A failed or cancelled ``annotate`` returns nothing, so a caller never applies half a result.
+upload again), :class:`SessionLost` (the server lost it: upload again), :class:`ServerBusy`
+(429, the server's message as is), :class:`Cancelled`, and :class:`ServerError` with the
+server's message. A failed or cancelled ``annotate`` returns nothing, so a caller never applies
+half a result, and any failure after its job was created cancels that job on the server.
+
+Timeouts: every connection gets ``CONNECT_TIMEOUT`` s to open; control calls (health, info,
+session, delete, cancel, job status) ``CONTROL_TIMEOUT`` s to answer, a long poll its wait +
+``CONTROL_TIMEOUT``, an upload ``UPLOAD_BASE_TIMEOUT`` + its size at ``UPLOAD_MIN_RATE``, and the
+calls that wait for the model (segment, annotate's result) the client's ``timeout``.
 
 The binary envelope is coded here a second time (``medsam_server.wire`` is the
 reference; Slicer has no ``medsam_server``); the server's tests check both ways. Routes and
@@ -60,6 +67,11 @@ from .protocol import (
 
 DEFAULT_URL = "http://127.0.0.1:8765"
 MAX_RESPONSE_BYTES = 4 << 30  # an answer larger than this is not one of ours
+CONNECT_TIMEOUT = 3.0  # seconds to open a connection: a loopback or LAN server connects in milliseconds
+CONTROL_TIMEOUT = 10.0  # seconds a control call (no model work) may take to answer
+CANCEL_TIMEOUT = 5.0  # a cancel, often sent on an error path, must not hold up the error
+UPLOAD_BASE_TIMEOUT = 30.0
+UPLOAD_MIN_RATE = 5 << 20  # bytes/s an upload is allowed at the slowest, on top of the base
 
 
 class MedSAMClientError(RuntimeError):
@@ -96,6 +108,22 @@ class ServerError(MedSAMClientError):
 
 class UnknownSession(ServerError):
     """The session expired, was deleted, or belongs to someone else: upload the volume again."""
+
+
+class SessionLost(UnknownSession):
+    """The server lost this session (410 ``session_lost``: the replica holding it stopped): upload again."""
+
+    def __init__(self, status: int, message: str, code: str = "session_lost"):
+        super().__init__(status, message, code)
+        self.args = (f"the server lost this session: upload again ({message})",)
+
+
+class ServerBusy(ServerError):
+    """429 ``busy``: the server's message says what to free or wait for, and is shown as it is."""
+
+    def __init__(self, status: int, message: str, code: str = "busy"):
+        super().__init__(status, message, code)
+        self.args = (message,)
 
 
 @dataclass(frozen=True)
@@ -200,7 +228,7 @@ class MedSAMClient:
         self.retries = retries
         self.backoff = backoff
         self.poll_interval = poll_interval
-        handlers = []
+        handlers: list = [_HTTPHandler(), _HTTPSHandler()]
         if parsed.hostname in ("127.0.0.1", "localhost", "::1"):
             handlers.append(urllib.request.ProxyHandler({}))  # a system proxy must not see loopback traffic
         self._opener = urllib.request.build_opener(*handlers)
@@ -210,11 +238,11 @@ class MedSAMClient:
     # -------------------------------------------------------------- server
 
     def health(self) -> dict:
-        return self._json("GET", protocol.ROUTE_HEALTH, what="the health check")
+        return self._json("GET", protocol.ROUTE_HEALTH, what="the health check", timeout=CONTROL_TIMEOUT)
 
     def info(self) -> dict:
         """Versions, model, device, cache and worker statistics, and the server's limits."""
-        info = self._json("GET", protocol.ROUTE_INFO, what="the info request")
+        info = self._json("GET", protocol.ROUTE_INFO, what="the info request", timeout=CONTROL_TIMEOUT)
         with self._lock:
             self._info = info
         return info
@@ -261,16 +289,19 @@ class MedSAMClient:
                                   f"{limits['max_decompressed_bytes'] / 2**20:.1f} MiB per volume")
         if cancel is not None and cancel.is_set():
             raise Cancelled("cancelled before the upload; nothing was sent")
-        answer = self._json("POST", protocol.ROUTE_SESSIONS, body, ENVELOPE_TYPE, what="the upload", cancel=cancel)
+        answer = self._json("POST", protocol.ROUTE_SESSIONS, body, ENVELOPE_TYPE, what="the upload", cancel=cancel,
+                            timeout=upload_timeout(len(body)))
         return Session(answer["session"], answer["key"], tuple(answer["shape"]), answer["digest"])
 
     def session_info(self, session: Session) -> dict:
-        return self._json("GET", _path(protocol.ROUTE_SESSION, session), session=session, what="the session request")
+        return self._json("GET", _path(protocol.ROUTE_SESSION, session), session=session, what="the session request",
+                          timeout=CONTROL_TIMEOUT)
 
     def delete(self, session: Session) -> None:
         """Forget the volume on the server (and its cached embeddings); an unknown session is no error."""
         try:
-            self._request("DELETE", _path(protocol.ROUTE_SESSION, session), session=session, what="the delete")
+            self._request("DELETE", _path(protocol.ROUTE_SESSION, session), session=session, what="the delete",
+                          timeout=CONTROL_TIMEOUT)
         except UnknownSession:
             pass
 
@@ -291,7 +322,7 @@ class MedSAMClient:
             if value is not None:
                 request[name] = int(value)
         return self._json("POST", _path(protocol.ROUTE_PREFETCH, session), _dumps(request), protocol.JSON_TYPE,
-                          session=session, what="the prefetch")["job"]
+                          session=session, what="the prefetch", timeout=CONTROL_TIMEOUT)["job"]
 
     def prefetch_status(self, session: Session, job: str) -> dict:
         """``{"state": queued|running|done|failed|cancelled, "done": n, "total": m, ...}`` of a job."""
@@ -300,11 +331,19 @@ class MedSAMClient:
     def job_status(self, session: Session, job: str, wait: float = 0.0) -> dict:
         query = f"?wait={wait:.3f}" if wait > 0 else ""
         return self._json("GET", _path(protocol.ROUTE_JOB, session, job) + query,
-                          session=session, what="the job status", timeout=self.timeout + wait)
+                          session=session, what="the job status", timeout=CONTROL_TIMEOUT + max(0.0, wait))
 
     def cancel(self, session: Session, job: str) -> dict:
+        """Stop a job; a short timeout, as it is also sent on error paths that must not hang on it."""
         return self._json("DELETE", _path(protocol.ROUTE_JOB, session, job),
-                          session=session, what="the cancel")
+                          session=session, what="the cancel", timeout=CANCEL_TIMEOUT)
+
+    def _cancel_quietly(self, session: Session, job: str) -> None:
+        """Best effort on an error path: the server stops the job; whatever goes wrong here is not the error."""
+        try:
+            self.cancel(session, job)
+        except Exception:  # noqa: BLE001 - the caller re-raises the error that brought us here
+            pass
 
     def wait(self, session: Session, job: str, progress: Callable[[int, int], Any] | None = None,
              cancel: threading.Event | None = None) -> dict:
@@ -312,10 +351,7 @@ class MedSAMClient:
         last = None
         while True:
             if cancel is not None and cancel.is_set():
-                try:
-                    self.cancel(session, job)
-                except MedSAMClientError:
-                    pass  # cancelling is best effort; the caller gets Cancelled either way
+                self._cancel_quietly(session, job)  # best effort; the caller gets Cancelled either way
                 raise Cancelled("cancelled; nothing was applied")
             status = self.job_status(session, job, wait=self.poll_interval)
             if progress is not None and (status["done"], status["total"]) != last:
@@ -327,8 +363,9 @@ class MedSAMClient:
                 raise Cancelled(f"the server cancelled job {job}; nothing was applied")
             if status["state"] == "failed":
                 status_code = status.get("error_status") or 500
-                error_class = UnknownSession if status_code == 404 else ServerError
-                raise error_class(status_code, status.get("error") or "the job failed")
+                code = str(status.get("error_code") or "")
+                error_class = {410: SessionLost, 404: UnknownSession}.get(status_code, ServerError)
+                raise error_class(status_code, status.get("error") or "the job failed", code)
 
     # -------------------------------------------------------------- segmentation
 
@@ -376,14 +413,20 @@ class MedSAMClient:
                 existing = existing.astype(np.uint16)
             body, kind = encode_envelope(payload, existing), ENVELOPE_TYPE
         job = self._json("POST", _path(protocol.ROUTE_ANNOTATE, session), body, kind, session=session,
-                         what="the annotate request")["job"]
+                         what="the annotate request", timeout=upload_timeout(len(body)))["job"]
         try:
-            self.wait(session, job, progress, cancel)
-        except ServerNotRunning as err:
-            raise ServerNotRunning(f"{err} The annotation was not finished; nothing was applied.") from None
-        _, _, result = self._request("GET", _path(protocol.ROUTE_JOB_RESULT, session, job), session=session,
-                                     what="the annotate result")
-        header, labels = self._decode(result, LABEL_DTYPES)
+            try:
+                self.wait(session, job, progress, cancel)
+            except ServerNotRunning as err:
+                raise ServerNotRunning(f"{err} The annotation was not finished; nothing was applied.") from None
+            _, _, result = self._request("GET", _path(protocol.ROUTE_JOB_RESULT, session, job), session=session,
+                                         what="the annotate result")
+            header, labels = self._decode(result, LABEL_DTYPES)
+        except Cancelled:
+            raise  # wait() has cancelled the job already, or the server did
+        except BaseException:  # timeout, lost poll, Ctrl-C, an unreadable result: the server must not go on
+            self._cancel_quietly(session, job)
+            raise
         summary = header.get("summary", {})
         if labels is None:
             return (0, 0, 0), np.zeros((0, 0, 0), dtype=np.uint16), summary
@@ -460,8 +503,14 @@ class MedSAMClient:
             return VersionMismatch(f"{message} (server {self.url})")
         if status == 401:
             return AuthError(f"the MedSAM server at {self.url} needs a token; set it in the module's settings")
+        if status == 403 and message.startswith("Host "):  # a token-less server reached by another name
+            return AuthError(f"{message} (use http://127.0.0.1:<port> or set a token)")
         if status == 403:
             return AuthError(f"wrong token for the MedSAM server at {self.url}")
+        if status == 429 or code == "busy":
+            return ServerBusy(status, message, code)
+        if status == 410 and code == "session_lost":
+            return SessionLost(status, message, code)
         if status == 413:
             return RequestTooLarge(f"{what} is too large for the server: {message}")
         if status == 404 and code == "unknown_session":
@@ -469,6 +518,44 @@ class MedSAMClient:
         if code == "cancelled":
             return Cancelled(message)
         return ServerError(status, message, code)
+
+
+def upload_timeout(size: int) -> float:
+    """Seconds a request body of ``size`` bytes may take to be sent and answered."""
+    return UPLOAD_BASE_TIMEOUT + size / UPLOAD_MIN_RATE
+
+
+class _ConnectTimeout:
+    """An HTTP(S) connection that gets ``CONNECT_TIMEOUT`` to open, then the request's own timeout for reads."""
+
+    def connect(self) -> None:
+        read_timeout = self.timeout
+        if isinstance(read_timeout, (int, float)):
+            self.timeout = min(CONNECT_TIMEOUT, read_timeout)
+        try:
+            super().connect()
+        finally:
+            self.timeout = read_timeout
+        if isinstance(read_timeout, (int, float)):
+            self.sock.settimeout(read_timeout)
+
+
+class _HTTPConnection(_ConnectTimeout, http.client.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_ConnectTimeout, http.client.HTTPSConnection):
+    pass
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(_HTTPConnection, req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        return self.do_open(_HTTPSConnection, req, context=self._context)
 
 
 UPLOAD_CHUNK_BYTES = 64 << 10  # how often a cancellable upload looks at its flag (and takes the GIL)

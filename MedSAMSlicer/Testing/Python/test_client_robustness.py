@@ -1,0 +1,130 @@
+"""The client's timeouts and error paths (issue 13 items 2 and 8, issue 16) against a real ``medsam serve``.
+
+The server is the real one on 127.0.0.1 (LiteMedSAM, CPU), started as the module starts it. A hung server is a
+real socket on 127.0.0.1 that takes connections and never answers.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from mrml_fixtures import add_roi, add_segmentation, ijk_to_ras_point
+
+slicer = pytest.importorskip("slicer")
+pytest.importorskip("medsam_server")
+
+from MedSAMSlicerLib import client as medsam_client  # noqa: E402
+from MedSAMSlicerLib import keyframes, local_server, run, segments  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server():
+    local = local_server.LocalServer(python=sys.executable, extra_args=["--model", "litemedsam", "--device", "cpu"])
+    url, token = local.start()
+    client = medsam_client.MedSAMClient(url, token=token)
+    try:
+        local.wait_ready(client.info, timeout=300)
+        yield local, client
+    finally:
+        local.stop()
+
+
+def _lung_request(scene, ct_volume, slices=(12, 22, 31)):
+    """A run request for the right lung of CTChest4 with an ROI keyframe on each of ``slices``."""
+    segmentation_node, (segment_id,) = add_segmentation(scene, ct_volume, ("right lung",))
+    for k in slices:
+        corner_a = ijk_to_ras_point(ct_volume, (70 - 0.5, 40 - 0.5, k - 0.15))
+        corner_b = ijk_to_ras_point(ct_volume, (110 + 0.5, 95 + 0.5, k + 0.15))
+        roi = add_roi(scene, (corner_a + corner_b) / 2, np.abs(corner_b - corner_a), f"k{k}")
+        keyframes.tag_keyframe(roi, segmentation_node, segment_id)
+    return segmentation_node, segment_id, run.prepare_run(ct_volume, segmentation_node, segment_id)
+
+
+def _final_state(client, session, job, seconds=30.0) -> str:
+    deadline = time.monotonic() + seconds
+    while True:
+        state = client.job_status(session, job)["state"]
+        if state in ("cancelled", "done", "failed") or time.monotonic() > deadline:
+            return state
+        time.sleep(0.2)
+
+
+def test_a_failing_poll_cancels_the_server_job(scene, ct_volume, server):
+    """Any exception after the annotate job exists (here: the progress callback raises) cancels it server-side."""
+    local, client = server
+    jobs = []
+
+    class Recording(medsam_client.MedSAMClient):
+        def cancel(self, session, job):
+            jobs.append(job)
+            return super().cancel(session, job)
+
+    recording = Recording(client.url, token=local.token)
+    segmentation_node, segment_id, request = _lung_request(scene, ct_volume)
+    request.volume.array = request.volume.array + np.int16(3)  # voxels nobody cached: a job that takes a while
+    session = run.upload(recording, request.volume)
+
+    def failing_progress(done, total):
+        raise KeyError("the panel's progress display broke")
+
+    with pytest.raises(KeyError, match="progress display broke"):
+        run.execute_run(recording, request, session=session, progress=failing_progress)
+    (job,) = jobs
+    assert _final_state(recording, session, job) == "cancelled"
+    assert not segments.segment_array(segmentation_node, segment_id, ct_volume).any()
+    assert recording.health()["status"] == "ok"  # and the server keeps serving
+
+
+def test_a_hung_server_fails_a_control_call_quickly():
+    """A socket that accepts and never answers: health fails within ~15 s (not the 300 s default), saying why."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)  # the kernel completes the connections; nobody ever reads or answers
+    try:
+        client = medsam_client.MedSAMClient(f"http://127.0.0.1:{listener.getsockname()[1]}", token="x")
+        start = time.monotonic()
+        with pytest.raises(medsam_client.ServerNotRunning, match=r"did not answer the health check within 10 s"):
+            client.health()
+        assert time.monotonic() - start < 15
+        start = time.monotonic()
+        with pytest.raises(medsam_client.ServerNotRunning, match=r"did not answer the info request within 10 s"):
+            client.check_compatible()
+        assert time.monotonic() - start < 15
+    finally:
+        listener.close()
+
+
+def test_upload_timeout_grows_with_the_body():
+    assert medsam_client.upload_timeout(0) == medsam_client.UPLOAD_BASE_TIMEOUT
+    assert medsam_client.upload_timeout(500 << 20) == pytest.approx(medsam_client.UPLOAD_BASE_TIMEOUT + 100)
+
+
+
+def test_a_token_less_server_reached_by_another_name_says_so():
+    """A real token-less ``medsam serve`` answers 403 to a Host other than 127.0.0.1/localhost; shown as it is."""
+    port = local_server.free_port()
+    process = subprocess.Popen([sys.executable, "-m", "medsam_server.cli", "serve", "--host", "127.0.0.1",
+                                "--port", str(port), "--device", "cpu", "--model", "litemedsam",
+                                "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        loopback = medsam_client.MedSAMClient(f"http://127.0.0.1:{port}", retries=8, backoff=0.5)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                assert loopback.health()["status"] == "ok"
+                break
+            except medsam_client.ServerNotRunning:
+                assert time.monotonic() < deadline and process.poll() is None, "medsam serve did not start"
+        other_name = medsam_client.MedSAMClient(f"http://127.1:{port}")  # the same address, another Host
+        with pytest.raises(medsam_client.AuthError,
+                           match=r"Host '127\.1:\d+' is not this server's address.*use http://127\.0\.0\.1"):
+            other_name.health()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
