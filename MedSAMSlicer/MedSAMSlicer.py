@@ -605,10 +605,8 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if session is None:
                     client.check_compatible()
                     self._onProgress(0, 0, "uploading")
-                try:
-                    return run.execute_run(client, request, session=session, progress=self._onProgress, cancel=cancel)
-                except medsam_client.UnknownSession:  # the server dropped an idle session: upload again
-                    return run.execute_run(client, request, progress=self._onProgress, cancel=cancel)
+                # a session the server dropped or lost is uploaded again by execute_run
+                return run.execute_run(client, request, session=session, progress=self._onProgress, cancel=cancel)
 
             self._recordInference(begin=True, request=request)
             self._startBackground("run", work, lambda future: self._onRunFinished(future, request, key), cancel)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .client import UnknownSession  # SessionLost (410) is one
 from .errors import InputError
 from .geometry import VolumeArray, volume_array
 from .keyframes import flatten_roi, keyframe_nodes, line_keyframe, prompt_document, roi_keyframe, slicing_axis
@@ -94,14 +95,23 @@ def execute_run(client, request: RunRequest, session: Any = None, progress: Call
                 cancel: Any = None) -> RunResult:
     """Upload the volume (unless ``session`` is given) and run the prompt document on the server.
 
-    Touches no MRML, so it may run in a worker thread. Exceptions (server errors, cancellation)
-    propagate; the caller then skips ``apply_run`` and the segmentation stays as it was.
+    Touches no MRML, so it may run in a worker thread. A session the server no longer holds (404
+    ``unknown_session``: expired or deleted; 410 ``session_lost``: its replica stopped) is uploaded
+    again and the run repeated, once. Other exceptions (server errors, cancellation) propagate; the
+    caller then skips ``apply_run`` and the segmentation stays as it was.
     """
     start = time.perf_counter()
-    if session is None:
-        session = upload(client, request.volume, cancel)
-    offset, labels, summary = client.annotate(session, request.document, existing=request.existing,
-                                              progress=progress, cancel=cancel)
+    for attempt in (1, 2):
+        if session is None:
+            session = upload(client, request.volume, cancel)
+        try:
+            offset, labels, summary = client.annotate(session, request.document, existing=request.existing,
+                                                      progress=progress, cancel=cancel)
+            break
+        except UnknownSession:
+            if attempt == 2:
+                raise
+            session = None  # lost before or during the run: nothing came back, so nothing is applied
     return RunResult(session=session, ijk_offset=tuple(int(v) for v in offset), labels=np.asarray(labels),
                      seconds=time.perf_counter() - start, summary=dict(summary or {}))
 

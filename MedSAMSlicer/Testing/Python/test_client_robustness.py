@@ -128,3 +128,41 @@ def test_a_token_less_server_reached_by_another_name_says_so():
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_a_session_deleted_server_side_is_uploaded_again_once(scene, ct_volume, server):
+    """The session is gone between upload and annotate (DELETE on the server): the run uploads again and finishes."""
+    local, client = server
+    segmentation_node, segment_id, request = _lung_request(scene, ct_volume)
+    session = run.upload(client, request.volume)
+    client.delete(session)  # the real server forgets it; its next answer is 404 unknown_session
+    with pytest.raises(medsam_client.UnknownSession, match="unknown session .*upload the volume again"):
+        client.session_info(session)
+    result = run.execute_run(client, request, session=session)
+    assert result.session.id != session.id
+    applied = run.apply_run(request, result, ct_volume, segmentation_node)
+    assert set(applied.changed_slices) >= {12, 22, 31}
+    assert segments.segment_array(segmentation_node, segment_id, ct_volume).any()
+
+
+def test_a_lost_session_after_the_retry_raises_and_writes_nothing(scene, ct_volume, server):
+    """If the fresh session is lost too, the run raises SessionLost and the segment stays empty (no partial result).
+
+    A Ray replica's death cannot be staged in this suite; the client here answers 410 ``session_lost`` for every
+    annotate (the server's tests check that a real Ray deployment sends it). Uploads go to the real server.
+    """
+    local, client = server
+    annotate_calls = []
+
+    class LosingClient(medsam_client.MedSAMClient):
+        def annotate(self, session, document, **kwargs):
+            annotate_calls.append(session.id)
+            raise self._http_error(410, b'{"error": "the server lost session \'x\' (its replica stopped): upload the '
+                                        b'volume again", "code": "session_lost"}', "the annotate request")
+
+    losing = LosingClient(client.url, token=local.token)
+    segmentation_node, segment_id, request = _lung_request(scene, ct_volume)
+    with pytest.raises(medsam_client.SessionLost, match="the server lost this session: upload again"):
+        run.execute_run(losing, request)
+    assert len(annotate_calls) == 2 and annotate_calls[0] != annotate_calls[1]  # uploaded again, run again, once
+    assert not segments.segment_array(segmentation_node, segment_id, ct_volume).any()
