@@ -326,7 +326,7 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             segmentationNode = self.ui.segmentationSelector.currentNode()
             if segmentationNode is None:
                 _, segmentationNode, _ = self._inputs(needSegment=False)
-            segmentId = segmentationNode.GetSegmentation().AddEmptySegment()
+            segmentId = segments.add_segment(segmentationNode)
             self.ui.segmentSelector.setCurrentSegmentID(segmentId)
             return segmentId
 

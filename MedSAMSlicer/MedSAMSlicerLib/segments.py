@@ -29,6 +29,7 @@ from .geometry import (
     slice_index,
     vtk_matrix_from_array,
 )
+from .terminology import terminology_for
 
 DIGEST_TAG = "MedSAMSlicer.RunDigests"  # on a segment: JSON record of what the runs wrote
 
@@ -169,6 +170,34 @@ def _ensure_binary_labelmap(segmentation_node, volume_node) -> None:
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
 
 
+TERMINOLOGY_TAG = "TerminologyEntry"
+#: What vtkSegmentation gives a new segment: the generic "Tissue" of Slicer's own list, no one's choice.
+GENERIC_TERMINOLOGY_TYPE = "~SCT^85756007^Tissue~SCT^85756007^Tissue~"
+
+
+def tag_terminology(segment) -> bool:
+    """Give a segment with a common target name (``terminology.COMMON_TARGETS``) its terminology entry.
+
+    Only a segment that has none or the generic default gets one, so a terminology the user picked stays.
+    Returns whether the tag was set.
+    """
+    entry = terminology_for(segment.GetName() or "")
+    value = vtk.reference("")
+    current = str(value) if segment.GetTag(TERMINOLOGY_TAG, value) else ""
+    if entry is None or (current and GENERIC_TERMINOLOGY_TYPE not in current):
+        return False
+    segment.SetTag(TERMINOLOGY_TAG, entry)
+    return True
+
+
+def add_segment(segmentation_node, name: str = "") -> str:
+    """A new empty segment (Slicer names it when ``name`` is empty), with its terminology for a known name."""
+    segmentation = segmentation_node.GetSegmentation()
+    segment_id = segmentation.AddEmptySegment(name, name) if name else segmentation.AddEmptySegment()
+    tag_terminology(segmentation.GetSegment(segment_id))
+    return segment_id
+
+
 def apply_labels(volume_node, segmentation_node, segment_id: str, ijk_offset: Sequence[int], labels: np.ndarray,
                  *, label: int = 1, axis: int = 2, locked_slices: Sequence[int] = (),
                  save_undo_state: Callable[[], Any] | None = None) -> AppliedRun:
@@ -238,5 +267,6 @@ def apply_labels(volume_node, segmentation_node, segment_id: str, ijk_offset: Se
             record[index] = slice_digest(after[slice_index(axis, index)])
     _write_record(segment, size_ijk, axis, record)
     voxels = int(after[slab_index(axis, first, stop)].sum())
+    tag_terminology(segment)  # a segment renamed to a known target after it was made
     return AppliedRun(changed_slices=changed, locked_slices=locked, voxels=voxels)
 
