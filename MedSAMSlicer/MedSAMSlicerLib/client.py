@@ -385,6 +385,23 @@ class MedSAMClient:
         header, masks = self._decode(body, ("uint8",))
         return Masks({int(s): masks[n].astype(bool) for n, s in enumerate(header["slices"])}, header.get("notes", []))
 
+    def threshold(self, session: Session, label: int, threshold: float | None = None,
+                  slices: dict | None = None) -> tuple[dict, Masks]:
+        """Move a segment's probability threshold over its last annotate run (no model call).
+
+        ``slices``: ``{slice: threshold or None}`` per slice (None: back to the segment's). Returns the
+        server's header (axis, label, slices, thresholds, ``review``) and the masks of the run's slices.
+        """
+        request: dict = {"label": int(label)}
+        if threshold is not None:
+            request["threshold"] = float(threshold)
+        if slices:
+            request["slices"] = {str(int(k)): (None if v is None else float(v)) for k, v in slices.items()}
+        _, _, body = self._request("POST", _path(protocol.ROUTE_THRESHOLD, session), _dumps(request),
+                                   protocol.JSON_TYPE, session=session, what="the threshold request")
+        header, masks = self._decode(body, ("uint8",))
+        return header, Masks({int(s): masks[n].astype(bool) for n, s in enumerate(header["slices"])})
+
     def annotate(self, session: Session, document: dict, existing: np.ndarray | None = None,
                  progress: Callable[[int, int], Any] | None = None, cancel: threading.Event | None = None,
                  **options: Any) -> tuple[tuple[int, int, int], np.ndarray, dict]:

@@ -30,6 +30,7 @@ ROUTE_PREFETCH = "/sessions/{session_id}/prefetch"
 ROUTE_ANNOTATE = "/sessions/{session_id}/annotate"
 ROUTE_JOB = "/sessions/{session_id}/jobs/{job_id}"
 ROUTE_JOB_RESULT = "/sessions/{session_id}/jobs/{job_id}/result"
+ROUTE_THRESHOLD = "/sessions/{session_id}/threshold"
 
 #: Model names ``medsam serve --model`` accepts (the first is the default) and what the panel calls them.
 MODEL_NAMES = ("litemedsam", "medsam-vit-b")

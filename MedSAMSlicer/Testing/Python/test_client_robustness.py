@@ -166,3 +166,32 @@ def test_a_lost_session_after_the_retry_raises_and_writes_nothing(scene, ct_volu
         run.execute_run(losing, request)
     assert len(annotate_calls) == 2 and annotate_calls[0] != annotate_calls[1]  # uploaded again, run again, once
     assert not segments.segment_array(segmentation_node, segment_id, ct_volume).any()
+
+
+def test_review_rows_put_the_least_confident_slice_first():
+    from MedSAMSlicerLib import errors, review
+
+    rows = review.review_rows([
+        {"name": "right lung", "label": 1, "slices": [{"slice": 8, "confidence": 0.9, "keyframe": True},
+                                                     {"slice": 9, "confidence": 0.2, "keyframe": False}]},
+        {"name": "left lung", "label": 2, "slices": [{"slice": 8, "confidence": 0.5, "keyframe": False}]}])
+    assert [(r.segment, r.slice, r.confidence, r.keyframe) for r in rows] == [
+        ("right lung", 9, 0.2, False), ("left lung", 8, 0.5, False), ("right lung", 8, 0.9, True)]
+    with pytest.raises(errors.InputError, match="cannot be read"):
+        review.review_rows([{"name": "x", "label": 1, "slices": [{"slice": 1}]}])
+
+
+def test_a_real_run_is_reviewed_and_rethresholded_without_a_model_call(scene, ct_volume, server):
+    from MedSAMSlicerLib import review
+
+    local, client = server
+    segmentation_node, segment_id, request = _lung_request(scene, ct_volume)
+    result = run.execute_run(client, request)
+    rows = review.review_rows(result.summary["review"])
+    assert {r.segment for r in rows} == {"right lung"} and {12, 22, 31} <= {r.slice for r in rows}
+    assert [r.confidence for r in rows] == sorted(r.confidence for r in rows)
+    _, at_half = client.threshold(result.session, label=1, threshold=0.5)
+    header, lower = client.threshold(result.session, label=1, threshold=0.2)
+    assert header["threshold"] == 0.2 and set(lower) == set(at_half) >= {12, 22, 31}
+    assert sum(m.sum() for m in lower.values()) > sum(m.sum() for m in at_half.values())
+    assert all((lower[k] | ~at_half[k]).all() for k in at_half)  # a lower threshold only adds voxels
