@@ -22,7 +22,11 @@ class ReviewRow:
 
 
 def review_rows(review: Any) -> list[ReviewRow]:
-    """All segments' slices as rows, least confident first (ties: segment, then slice, in order)."""
+    """All segments' slices as rows, least confident first (ties: label, then slice).
+
+    ``review`` is an annotate summary's list, or one segment's entry (the threshold answer's)."""
+    if isinstance(review, dict):
+        review = [review]
     if not isinstance(review, list):
         raise InputError(f"the server's review is a list of segments, got {type(review).__name__}")
     rows = []

@@ -18,7 +18,7 @@ import numpy as np
 
 from .client import UnknownSession  # SessionLost (410) is one
 from .errors import InputError
-from .geometry import VolumeArray, volume_array
+from .geometry import VolumeArray, slice_index, volume_array
 from .keyframes import flatten_roi, keyframe_nodes, line_keyframe, prompt_document, roi_keyframe, slicing_axis
 from .segments import AppliedRun, apply_labels, edited_slices, find_segment, segment_array
 
@@ -128,6 +128,30 @@ def apply_run(request: RunRequest, result: RunResult, volume_node, segmentation_
     return apply_labels(volume_node, segmentation_node, request.segment_id, result.ijk_offset, result.labels,
                         label=label, axis=request.axis, locked_slices=request.locked_slices,
                         save_undo_state=save_undo_state)
+
+
+def apply_threshold(client, session, volume_node, segmentation_node, segment_id: str, label: int = 1,
+                    threshold: float | None = None, slices: dict | None = None,
+                    save_undo_state: Callable[[], Any] | None = None) -> tuple[AppliedRun, dict]:
+    """Move a segment's threshold over its last run on the server and write the slices that change, as one
+    undo step (main thread: it writes MRML). Returns what was written and the server's header (its ``review``
+    is the new ranking). Slices the run did not decode stay as they are."""
+    header, masks = client.threshold(session, label, threshold, slices)
+    if not masks:
+        return AppliedRun(changed_slices=[], locked_slices=[], voxels=0), header
+    axis, first, last = int(header["axis"]), min(masks), max(masks)
+    size_kji = tuple(reversed(volume_node.GetImageData().GetDimensions()))
+    block_shape = list(size_kji)
+    block_shape[2 - axis] = last - first + 1
+    block = np.zeros(block_shape, dtype=np.uint8)
+    for index, mask in masks.items():
+        block[slice_index(axis, index - first)] = mask
+    offset = [0, 0, 0]
+    offset[axis] = first
+    gaps = [k for k in range(first, last + 1) if k not in masks]  # not in the run: left alone
+    applied = apply_labels(volume_node, segmentation_node, segment_id, tuple(offset), block, label=1, axis=axis,
+                           locked_slices=gaps, save_undo_state=save_undo_state)
+    return applied, header
 
 
 def run_segmentation(client, volume_node, segmentation_node, segment_id: str, *, roi_nodes=None, line_nodes=None,

@@ -195,3 +195,15 @@ def test_a_real_run_is_reviewed_and_rethresholded_without_a_model_call(scene, ct
     assert header["threshold"] == 0.2 and set(lower) == set(at_half) >= {12, 22, 31}
     assert sum(m.sum() for m in lower.values()) > sum(m.sum() for m in at_half.values())
     assert all((lower[k] | ~at_half[k]).all() for k in at_half)  # a lower threshold only adds voxels
+
+    run.apply_run(request, result, ct_volume, segmentation_node)
+    before = segments.segment_array(segmentation_node, segment_id, ct_volume).copy()
+    undo_steps = []
+    applied, header = run.apply_threshold(client, result.session, ct_volume, segmentation_node, segment_id, label=1,
+                                          threshold=0.2, save_undo_state=lambda: undo_steps.append(1))
+    after = segments.segment_array(segmentation_node, segment_id, ct_volume)
+    assert undo_steps == [1] and applied.changed_slices  # one undo step for all changed slices
+    assert after.sum() > before.sum() and not (before & ~after).any()
+    for k in applied.changed_slices:
+        assert np.array_equal(after[k], lower[k])
+    assert {r.slice for r in review.review_rows(header["review"])} == set(lower)  # the new ranking comes with it
