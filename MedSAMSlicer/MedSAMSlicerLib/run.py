@@ -92,7 +92,7 @@ def upload(client, volume: VolumeArray, cancel: Any = None):
 
 
 def execute_run(client, request: RunRequest, session: Any = None, progress: Callable | None = None,
-                cancel: Any = None) -> RunResult:
+                cancel: Any = None, options: dict | None = None) -> RunResult:
     """Upload the volume (unless ``session`` is given) and run the prompt document on the server.
 
     Touches no MRML, so it may run in a worker thread. A session the server no longer holds (404
@@ -106,7 +106,7 @@ def execute_run(client, request: RunRequest, session: Any = None, progress: Call
             session = upload(client, request.volume, cancel)
         try:
             offset, labels, summary = client.annotate(session, request.document, existing=request.existing,
-                                                      progress=progress, cancel=cancel)
+                                                      progress=progress, cancel=cancel, **(options or {}))
             break
         except UnknownSession:
             if attempt == 2:
@@ -128,6 +128,13 @@ def apply_run(request: RunRequest, result: RunResult, volume_node, segmentation_
     return apply_labels(volume_node, segmentation_node, request.segment_id, result.ijk_offset, result.labels,
                         label=label, axis=request.axis, locked_slices=request.locked_slices,
                         save_undo_state=save_undo_state)
+
+
+def rebox_slice(client, request: RunRequest, slice_: int, session: Any = None, progress: Callable | None = None,
+                cancel: Any = None) -> RunResult:
+    """Decode slice ``slice_`` alone from its keyframe box in ``request`` (re-box one slice); no propagation.
+    ``apply_run`` then writes that slice only, as one undo step."""
+    return execute_run(client, request, session, progress, cancel, {"only_slice": int(slice_), "propagate": 0})
 
 
 def apply_threshold(client, session, volume_node, segmentation_node, segment_id: str, label: int = 1,

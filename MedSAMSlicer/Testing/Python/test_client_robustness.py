@@ -207,3 +207,19 @@ def test_a_real_run_is_reviewed_and_rethresholded_without_a_model_call(scene, ct
     for k in applied.changed_slices:
         assert np.array_equal(after[k], lower[k])
     assert {r.slice for r in review.review_rows(header["review"])} == set(lower)  # the new ranking comes with it
+
+
+def test_rebox_one_slice_writes_that_slice_alone(scene, ct_volume, server):
+    local, client = server
+    segmentation_node, segment_id, request = _lung_request(scene, ct_volume)
+    result = run.execute_run(client, request)
+    run.apply_run(request, result, ct_volume, segmentation_node)
+    before = segments.segment_array(segmentation_node, segment_id, ct_volume).copy()
+    request = run.prepare_run(ct_volume, segmentation_node, segment_id)
+    reboxed = run.rebox_slice(client, request, 22, session=result.session)
+    assert set(reboxed.summary["changed_slices"]) <= {22}
+    run.apply_run(request, reboxed, ct_volume, segmentation_node)
+    after = segments.segment_array(segmentation_node, segment_id, ct_volume)
+    others = [k for k in range(after.shape[0]) if k != 22]
+    assert np.array_equal(after[others], before[others])
+    assert after[22].any()
