@@ -216,19 +216,15 @@ def _slice_of(value: float, n: int, what: str) -> int:
 
 
 def _inclusive_range(lo: float, hi: float, n: int, what: str) -> tuple[int, int]:
-    """Voxels whose cells [x - 0.5, x + 0.5] the interval [lo, hi] overlaps, clipped to 0..n-1; at least 2 wide."""
+    """Voxels whose cells [x - 0.5, x + 0.5] the interval [lo, hi] overlaps, clipped to 0..n-1."""
     first = int(np.floor(lo + 0.5 + _EPS))
     last = int(np.ceil(hi - 0.5 - _EPS))
     if last < first:  # narrower than a voxel: the voxel holding its centre
         first = last = int(np.floor((lo + hi) / 2.0 + 0.5))
     if last < 0 or first > n - 1:
         raise InputError(f"{what} lies outside the image (voxels {first}..{last}; the image has 0..{n - 1})")
-    first, last = max(first, 0), min(last, n - 1)
-    if first == last:  # the model needs a box with area
-        if n < 2:
-            raise InputError(f"{what}: the image is one voxel wide along this direction; nothing to segment")
-        first, last = (first, first + 1) if first + 1 < n else (first - 1, first)
-    return first, last
+    # One voxel wide is a valid box: indices are inclusive, as the server's box check takes them.
+    return max(first, 0), min(last, n - 1)
 
 
 def _check_in_plane_alignment(roi_node, volume: VolumeArray, axis: int) -> None:

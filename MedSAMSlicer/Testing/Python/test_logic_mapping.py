@@ -96,6 +96,14 @@ def test_identity_and_flipped_by_hand(scene):
     assert (keyframe.slice, keyframe.box) == (8, (5, 7, 12, 15))
 
 
+def test_a_box_one_voxel_thin_stays_one_voxel_thin(scene):
+    """A target's first or last slice gives boxes like [62, 27, 64, 27]: inclusive indices, valid as drawn,
+    and sent as they are (the server takes the same convention)."""
+    volume_node = _volume(scene, GEOMETRIES["identity"])
+    roi = _roi_on_voxels(scene, volume_node, 2, 5, (6, 9, 8, 9))
+    assert keyframes.roi_keyframe(roi, geometry.volume_array(volume_node), 2).box == (6, 9, 8, 9)
+
+
 @pytest.mark.parametrize("frame", ["oblique", "oblique, left-handed"])
 def test_a_box_rotated_to_the_voxel_grid_is_refused_with_the_fix(scene, frame):
     """An ROI along RAS axes on a tilted volume: its bounds would be a bigger box than the one drawn."""
