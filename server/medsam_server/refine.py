@@ -106,6 +106,11 @@ def review_entry(run: SegmentRun, mask: np.ndarray) -> dict:
     return {"name": run.name, "label": run.label, "slices": segment_report(confidence(run, mask), run.keyframes)}
 
 
+def kept_review(run: SegmentRun) -> dict:
+    """The review entry of a kept run as it stands (after a re-box or a threshold change)."""
+    return review_entry(run, segment_masks(run))
+
+
 def set_thresholds(run: SegmentRun, threshold: Optional[float], slice_thresholds: Optional[dict]) -> None:
     """Move a run's segment threshold and/or per-slice thresholds (slice -> threshold; None removes one)."""
     if threshold is not None:

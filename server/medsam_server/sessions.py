@@ -44,7 +44,7 @@ from .geometry import changed_block
 from .intensity import check_finite
 from .jobs import Job, JobBook, run_job
 from .protocol import IMAGE_DTYPES, Limits
-from .refine import merge, set_thresholds, threshold_answer
+from .refine import kept_review, merge, set_thresholds, threshold_answer
 from .requests import (
     SegmentRequest,
     SliceParams,
@@ -343,8 +343,11 @@ class Sessions:
             with session.lock:  # kept so that a threshold can move without a model call
                 for done in result.segments:
                     session.runs[done.label] = merge(session.runs.get(done.label), done.run, options.only_slice)
+                # a re-boxed slice is reviewed within its segment's kept run (its neighbours count)
+                review = [d.review if options.only_slice is None else kept_review(session.runs[d.label])
+                          for d in result.segments]
             summary = {**result.summary(), "changed_slices": result.changed_slices, "axis": prompts.axis,
-                       "review": result.review(prompts.axis)["segments"]}
+                       "review": review}
             meta = {} if block is None else {"array": {"offset": list(offset)}}
             return wire.encode({"summary": summary, **meta}, block)
 

@@ -131,7 +131,9 @@ def test_the_server_moves_a_threshold_without_a_model_call_and_reboxes_one_slice
     # Re-box slice 16 alone: only it changes and it becomes a keyframe of the kept run.
     rebox = _right_lung_document((16,))
     _, _, again = client.annotate(session, rebox, existing=annotated, only_slice=16)
-    assert again["changed_slices"] == [16] and [e["slice"] for e in again["review"][0]["slices"]] == [16]
+    assert again["changed_slices"] == [16]  # the review: slice 16 within the kept run, now a keyframe
+    assert {e["slice"]: e["keyframe"] for e in again["review"][0]["slices"]} == {14: True, 15: False, 16: True,
+                                                                                 17: False, 18: True}
     _, header, _ = _threshold(url, session, {"label": 1, "threshold": 0.5})
     assert {e["slice"] for e in header["review"]["slices"] if e["keyframe"]} == {14, 16, 18}
 
