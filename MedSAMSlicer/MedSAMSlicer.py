@@ -688,6 +688,8 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._recordInference(begin=False, ok=True, seconds=result.server_seconds)
         locked = f"; kept {len(applied.locked_slices)} hand-edited slice(s)" if applied.locked_slices else ""
+        if getattr(result.session, "replica", ""):
+            logging.info(f"MedSAM: session {result.session.id} is served by replica {result.session.replica}")
         self.ui.statusLabel.text = (f"Done in {result.seconds:.1f} s: {len(applied.changed_slices)} slice(s) "
                                     f"changed{locked}. Undo in the Segment Editor if needed.")
         segmentationNode.CreateDefaultDisplayNodes()

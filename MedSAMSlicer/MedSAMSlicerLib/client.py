@@ -134,6 +134,7 @@ class Session:
     key: str
     shape: tuple  # (k, j, i) or (k, j, i, 3)
     digest: str
+    replica: str = ""  # the Ray Serve replica that holds it ("" for a single-process server)
 
 
 class Masks(dict):
@@ -289,9 +290,14 @@ class MedSAMClient:
                                   f"{limits['max_decompressed_bytes'] / 2**20:.1f} MiB per volume")
         if cancel is not None and cancel.is_set():
             raise Cancelled("cancelled before the upload; nothing was sent")
-        answer = self._json("POST", protocol.ROUTE_SESSIONS, body, ENVELOPE_TYPE, what="the upload", cancel=cancel,
-                            timeout=upload_timeout(len(body)))
-        return Session(answer["session"], answer["key"], tuple(answer["shape"]), answer["digest"])
+        _, headers, data = self._request("POST", protocol.ROUTE_SESSIONS, body, ENVELOPE_TYPE, None, "the upload",
+                                         upload_timeout(len(body)), cancel)
+        try:
+            answer = json.loads(data.decode("utf-8"))
+        except ValueError as err:
+            raise ServerError(200, f"the server's answer to the upload is not JSON: {err}", "bad_answer") from None
+        return Session(answer["session"], answer["key"], tuple(answer["shape"]), answer["digest"],
+                       headers.get(protocol.REPLICA_HEADER, "") if headers is not None else "")
 
     def session_info(self, session: Session) -> dict:
         return self._json("GET", _path(protocol.ROUTE_SESSION, session), session=session, what="the session request",
@@ -324,11 +330,8 @@ class MedSAMClient:
         return self._json("POST", _path(protocol.ROUTE_PREFETCH, session), _dumps(request), protocol.JSON_TYPE,
                           session=session, what="the prefetch", timeout=CONTROL_TIMEOUT)["job"]
 
-    def prefetch_status(self, session: Session, job: str) -> dict:
-        """``{"state": queued|running|done|failed|cancelled, "done": n, "total": m, ...}`` of a job."""
-        return self.job_status(session, job)
-
     def job_status(self, session: Session, job: str, wait: float = 0.0) -> dict:
+        """``{"state": queued|running|done|failed|cancelled, "done": n, "total": m, ...}`` of a job."""
         query = f"?wait={wait:.3f}" if wait > 0 else ""
         return self._json("GET", _path(protocol.ROUTE_JOB, session, job) + query,
                           session=session, what="the job status", timeout=CONTROL_TIMEOUT + max(0.0, wait))

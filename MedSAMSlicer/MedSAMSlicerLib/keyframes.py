@@ -313,14 +313,6 @@ def line_keyframe(line_node, volume: VolumeArray, axis: int) -> LineKeyframe:
     return LineKeyframe(slice=index, points=rounded, name=name)
 
 
-def lines_bounding_box(lines: Sequence[LineKeyframe]) -> tuple[int, int, int, int]:
-    """The inclusive voxel box enclosing the end points of lines on one slice (no margin; the server adds one)."""
-    points = np.array([p for line in lines for p in line.points], dtype=np.float64)
-    lo = np.floor(points.min(axis=0) + 0.5).astype(int)
-    hi = np.floor(points.max(axis=0) + 0.5).astype(int)
-    return int(lo[0]), int(lo[1]), int(hi[0]), int(hi[1])
-
-
 def prompt_document(axis: int, boxes: Sequence[BoxKeyframe] = (), lines: Sequence[LineKeyframe] = (),
                     segment_name: str = "segment", window: Any = "auto", locked_slices: Sequence[int] = (),
                     label: int = 1) -> dict:

@@ -15,6 +15,7 @@ JSON_TYPE = "application/json"
 MAGIC = b"MSW1"
 API_VERSION_HEADER = "X-MedSAM-API"
 SESSION_KEY_HEADER = "X-MedSAM-Session-Key"
+REPLICA_HEADER = "X-MedSAM-Replica"  # which Ray Serve replica holds the session (logged)
 IMAGE_DTYPES = ("uint8", "int8", "uint16", "int16", "int32", "float32", "float64")
 LABEL_DTYPES = ("uint8", "uint16")
 MASK_DTYPE = "uint8"

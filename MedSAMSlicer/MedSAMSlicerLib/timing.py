@@ -34,7 +34,6 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 MODES = ("manual", "assisted")
-PHASES = ("initial_marker", "inference", "refinement", "manual")
 
 
 class TimingError(RuntimeError):

@@ -22,32 +22,19 @@ Frames: volumes are numpy (k, j, i); slices along an axis are (rows along v, col
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from .annotate import AnnotationResult, annotate
 from .embeddings import EmbeddingCache
-from .errors import InputError
 from .geometry import in_plane_axes, slice_index
 from .prompts import PromptDocument
 from .refine import postprocess
 from .requests import AnnotateOptions
 from .stack import SliceStack
 
-
-@dataclass(frozen=True)
-class MultiviewOptions:
-    box_margin: float = 0.0  # fraction of each keyframe box's side added on every side
-    views: bool = False  # refine in the two other axes and fuse the three views
-    view_margin: float = 0.1  # fraction added to the first result's extent on the other axes' slices
-
-    def __post_init__(self):
-        for name in ("box_margin", "view_margin"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                raise InputError(f"{name} must be a fraction 0..1 of the box side, got {value!r}")
+VIEW_MARGIN = 0.1  # fraction added to the first result's extent on the other views' slices
 
 
 def grow_box(box: Sequence[float], fraction: float, shape: tuple[int, int]) -> np.ndarray:
@@ -137,20 +124,20 @@ def view_probabilities(stack: SquarePixelStack, first: np.ndarray, prompt_axis: 
 
 def annotate_multiview(array: np.ndarray, direction: np.ndarray, spacing: Sequence[float], prompts: PromptDocument,
                        model: Any, cache: Optional[EmbeddingCache] = None, options: Optional[AnnotateOptions] = None,
-                       multiview: Optional[MultiviewOptions] = None, **annotate_kwargs: Any) -> AnnotationResult:
-    """``annotate`` with the stages of ``multiview`` (all off: exactly ``annotate``)."""
+                       **annotate_kwargs: Any) -> AnnotationResult:
+    """``annotate`` with the stages ``options.box_margin`` and ``options.views`` (both off: exactly ``annotate``).
+
+    ``spacing`` is (i, j, k) in mm, as SimpleITK's ``GetSpacing()``.
+    """
     options = options or AnnotateOptions()
-    multiview = multiview or MultiviewOptions()
     cache = cache if cache is not None else EmbeddingCache()
     spatial = array.shape[:3]
     u, v = in_plane_axes(prompts.axis)
     shape = (spatial[2 - v], spatial[2 - u])
-    result = annotate(array, direction, with_margin(prompts, multiview.box_margin, shape), model, cache, options,
+    result = annotate(array, direction, with_margin(prompts, options.box_margin, shape), model, cache, options,
                       **annotate_kwargs)
-    if not multiview.views or min(spatial) == 1:
+    if not options.views or min(spatial) == 1:
         return result
-    if options.only_slice is not None:
-        raise InputError("the orthogonal views refine a whole segment: they do not go with --slice")
     batch = options.batch_size or model.decoder_batch
     for segment, prompt in zip(result.segments, prompts.segments):
         first = result.labels == segment.label
@@ -162,7 +149,7 @@ def annotate_multiview(array: np.ndarray, direction: np.ndarray, spacing: Sequen
         for axis in (a for a in (0, 1, 2) if a != prompts.axis):
             stack = SquarePixelStack(array, direction, spacing, axis, window, model, cache, options.orientation)
             fused += view_probabilities(stack, first, prompts.axis, (min(keyframes), max(keyframes)),
-                                        multiview.view_margin, batch)
+                                        VIEW_MARGIN, batch)
         written = sorted(segment.slices)  # the first pass's slices (locked ones excluded): the only ones rewritten
         mask = np.zeros_like(_prompt_axis_frame(fused, prompts.axis), dtype=bool)
         mask[written] = _prompt_axis_frame(fused, prompts.axis)[written] / 3.0 > options.threshold

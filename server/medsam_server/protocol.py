@@ -23,6 +23,8 @@ MAGIC = b"MSW1"
 API_VERSION_HEADER = "X-MedSAM-API"
 #: The per-session secret returned by an upload; session routes need it (it never appears in a URL or a log).
 SESSION_KEY_HEADER = "X-MedSAM-Session-Key"
+#: On every answer of a Ray Serve replica: which replica holds the session (the Slicer module logs it).
+REPLICA_HEADER = "X-MedSAM-Replica"
 
 IMAGE_DTYPES = ("uint8", "int8", "uint16", "int16", "int32", "float32", "float64")
 LABEL_DTYPES = ("uint8", "uint16")

@@ -45,13 +45,14 @@ except ImportError as err:  # the single-process server needs no Ray
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from . import protocol
 from .ray_asgi import InProcessApp
 from .ray_routing import LOST, Gate, Placement, Router, ScaleOut
 
 log = logging.getLogger("medsam_server.ray")
 
 APP_NAME = "medsam"
-REPLICA_HEADER = "x-medsam-replica"  # on every forwarded answer: which replica served it (the Slicer log shows it)
+REPLICA_HEADER = protocol.REPLICA_HEADER.lower()  # on every forwarded answer (ASGI header names are lower case)
 REPLICA_LOST = (RayActorError, ActorUnavailableError)
 INFO_TIMEOUT_SECONDS = 5.0
 PROBE_TIMEOUT_SECONDS = 2.0

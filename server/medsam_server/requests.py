@@ -59,8 +59,18 @@ class AnnotateOptions:
     # Re-box one slice: a keyframe box on it (or its interpolated box) is decoded there alone.
     only_slice: Optional[int] = _option(None, int, "decode slice K alone and write only it (re-box one slice; "
                                         "with --existing the other slices are kept)", flag="--slice", metavar="K")
+    # Issue 15's 3D stages (multiview.py), off by default: neither helped every measured target.
+    box_margin: float = _option(0.0, float, "grow each keyframe box by this fraction of its side (default 0; "
+                                "0.1 lifted the right lung and the spine of CTChest4)", metavar="F")
+    views: bool = _option(False, bool, "refine in the two other views on square-pixel slices and fuse the three "
+                          "(about twice the time; helps the spine, hurts the lungs of CTChest4)")
 
     def __post_init__(self):
+        if isinstance(self.box_margin, bool) or not isinstance(self.box_margin, (int, float)) or \
+                not 0.0 <= self.box_margin <= 1.0:
+            raise InputError(f"box_margin must be a fraction 0..1 of the box side, got {shown(self.box_margin)}")
+        if self.views and self.only_slice is not None:
+            raise InputError("the orthogonal views refine a whole segment: --views and --slice do not go together")
         if self.interpolation not in INTERPOLATIONS:
             raise InputError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
         if self.propagate < 0:

@@ -37,12 +37,13 @@ from typing import Any, Optional
 import numpy as np
 
 from . import wire
-from .annotate import annotate, plan, slices_to_decode
+from .annotate import plan, slices_to_decode
 from .embeddings import EmbeddingCache, volume_digest
 from .errors import Busy, InputError, UnknownSession, WireError
 from .geometry import changed_block
 from .intensity import check_finite
 from .jobs import Job, JobBook, run_job
+from .multiview import annotate_multiview
 from .protocol import IMAGE_DTYPES, Limits
 from .refine import kept_review, merge, set_thresholds, threshold_answer
 from .requests import (
@@ -337,8 +338,10 @@ class Sessions:
             def progress(phase: str, done: int, total: int) -> None:
                 job.set_progress(len(needed) + done, len(needed) + total, phase)
 
-            result = annotate(session.array, session.geometry.direction_matrix, prompts, stack.model, self.cache,
-                              options, existing, progress, job.cancel.is_set, session.cache_volume, stack=stack)
+            result = annotate_multiview(session.array, session.geometry.direction_matrix, session.geometry.spacing,
+                                        prompts, stack.model, self.cache, options, existing=existing,
+                                        progress=progress, should_stop=job.cancel.is_set,
+                                        digest=session.cache_volume, stack=stack)
             offset, block = changed_block(result.labels, result.changed_slices, prompts.axis)
             with session.lock:  # kept so that a threshold can move without a model call
                 for done in result.segments:

@@ -7,6 +7,8 @@ margin below what was measured (README, "Beyond one view").
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import pytest
 
@@ -14,9 +16,9 @@ from engine_data import RIGHT_LUNG, ct_volume, dice
 from medsam_server.annotate import annotate
 from medsam_server.errors import InputError
 from medsam_server.geometry import check_box
-from medsam_server.multiview import MultiviewOptions, SquarePixelStack, annotate_multiview, grow_box, with_margin
+from medsam_server.multiview import SquarePixelStack, annotate_multiview, grow_box, with_margin
 from medsam_server.prompts import parse_prompts
-from medsam_server.requests import AnnotateOptions
+from medsam_server.requests import AnnotateOptions, add_option_arguments, options_from_arguments, parse_options
 from medsam_server.simulate import simulated_prompts
 
 THORACIC_SPINE = 3
@@ -82,11 +84,22 @@ def test_with_margin_grows_a_copy_and_keeps_the_document():
     assert with_margin(prompts, 0.0, (40, 40)) is prompts
 
 
+def test_stages_are_annotate_options_of_the_cli_and_the_request():
+    """One options type: the flags and the request's "options" both reach the stages."""
+    parser = argparse.ArgumentParser()
+    add_option_arguments(parser)
+    assert options_from_arguments(parser.parse_args(["--box-margin", "0.1", "--views"])) == \
+        AnnotateOptions(box_margin=0.1, views=True)
+    assert parse_options({"box_margin": 0.1, "views": True}, 34) == AnnotateOptions(box_margin=0.1, views=True)
+    with pytest.raises(InputError, match="box_margin"):
+        parse_options({"box_margin": 2}, 34)
+
+
 def test_options_refuse_a_margin_outside_0_1():
     with pytest.raises(InputError, match="box_margin must be a fraction 0..1"):
-        MultiviewOptions(box_margin=1.5)
-    with pytest.raises(InputError, match="view_margin must be a fraction 0..1"):
-        MultiviewOptions(view_margin=-0.1)
+        AnnotateOptions(box_margin=1.5)
+    with pytest.raises(InputError, match="box_margin must be a fraction 0..1"):
+        AnnotateOptions(box_margin=True)
 
 
 def test_margin_lifts_the_right_lung(litemedsam, shared_cache):
@@ -97,7 +110,7 @@ def test_margin_lifts_the_right_lung(litemedsam, shared_cache):
     scores = {}
     for margin in (0.0, 0.1):
         result = annotate_multiview(volume, direction, CT_SPACING, prompts, litemedsam, shared_cache,
-                                    multiview=MultiviewOptions(box_margin=margin))
+                                    options=AnnotateOptions(box_margin=margin))
         scores[margin] = dice(result.labels == 1, labels == RIGHT_LUNG)
     print("\nright lung, every 5, Dice by box margin:", scores)
     assert scores[0.1] >= 0.85
@@ -139,7 +152,7 @@ def test_views_segment_a_synthetic_target(litemedsam, shape, radii):
     prompts = parse_prompts(document, tuple(reversed(shape)))
     one = annotate(volume, np.eye(3), prompts, litemedsam)
     three = annotate_multiview(volume, np.eye(3), ANISOTROPIC, prompts, litemedsam,
-                               multiview=MultiviewOptions(views=True))
+                               options=AnnotateOptions(views=True))
     one_dice, three_dice = dice(one.labels == 1, inside), dice(three.labels == 1, inside)
     print(f"\nsynthetic {radii}: one view {one_dice:.4f}, three views {three_dice:.4f}")
     assert three_dice >= 0.85
@@ -149,13 +162,9 @@ def test_views_segment_a_synthetic_target(litemedsam, shape, radii):
     assert not (three.labels[:kept[0]] | three.labels[kept[-1] + 1:]).any()
 
 
-def test_views_do_not_go_with_one_slice(litemedsam):
-    volume, inside = ellipsoid()
-    prompts = parse_prompts(simulated_prompts(inside.astype(np.uint8), [("blob", 1)], 3, window=[0, 255]),
-                            (40, 40, 10))
-    with pytest.raises(InputError, match="do not go with --slice"):
-        annotate_multiview(volume, np.eye(3), ANISOTROPIC, prompts, litemedsam,
-                           options=AnnotateOptions(only_slice=3), multiview=MultiviewOptions(views=True))
+def test_views_do_not_go_with_one_slice():
+    with pytest.raises(InputError, match="--views and --slice do not go together"):
+        AnnotateOptions(only_slice=3, views=True)
 
 
 @pytest.mark.slow
@@ -165,7 +174,7 @@ def test_views_lift_the_thoracic_spine(litemedsam, shared_cache):
     prompts = parse_prompts(simulated_prompts(labels, [("spine", THORACIC_SPINE)], 5, window="ct-bone"),
                             (128, 128, 34))
     result = annotate_multiview(volume, direction, CT_SPACING, prompts, litemedsam, shared_cache,
-                                multiview=MultiviewOptions(box_margin=0.1, views=True))
+                                options=AnnotateOptions(box_margin=0.1, views=True))
     score = dice(result.labels == 1, labels == THORACIC_SPINE)
     print(f"\nthoracic spine, every 5, margin + views: Dice {score:.4f}")
     assert score >= 0.63

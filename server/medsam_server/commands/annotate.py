@@ -59,10 +59,10 @@ def progress_bar(bar):
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..annotate import annotate
     from ..io.images import read_image
     from ..io.labels import check_output, write_labels
     from ..models import load_model
+    from ..multiview import annotate_multiview
     from ..prompts import parse_prompts
 
     output: Path = args.output
@@ -86,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.checkpoint, args.device, args.backend, precision=args.precision,
                        threads=args.threads)
     with tqdm(total=1, desc="segmenting", unit="slice", file=sys.stderr) as bar:
-        result = annotate(volume.array, volume.direction, prompts, model, options=options, existing=existing,
-                          progress=progress_bar(bar))
+        result = annotate_multiview(volume.array, volume.direction, volume.spacing, prompts, model, options=options,
+                                    existing=existing, progress=progress_bar(bar))
     if seg_output:
         write_seg_output(args, result.labels, volume, segments, codes)
     else:
