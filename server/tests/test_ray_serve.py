@@ -113,7 +113,9 @@ def info(url: str, token: str = ALICE) -> dict:
 def replica_of(client, session) -> int:
     replicas = {replica for _, path, replica, _ in client.answers if session.id in path}
     assert len(replicas) == 1, f"session {session.id} was served by replicas {replicas}"
-    return int(replicas.pop())
+    replica = replicas.pop()
+    assert session.replica == replica  # the upload's answer named it; the Slicer module logs it
+    return int(replica)
 
 
 def test_each_session_stays_on_its_replica_and_answers_bit_identically_to_one_process(cluster, single, scan):
