@@ -61,3 +61,21 @@ def reference_segmentation():
     labels = np.transpose(segmentation["voxels"], (2, 1, 0))  # slicerio gives (i, j, k)
     names = {s["name"]: int(s["labelValue"]) for s in segmentation["segments"]}
     return labels, names
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A real local ``medsam serve`` process started as the module starts it, with its client; stopped after
+    the test module (skipped where the server package is not installed)."""
+    pytest.importorskip("medsam_server")
+    from MedSAMSlicerLib import client as medsam_client
+    from MedSAMSlicerLib import local_server
+
+    local = local_server.LocalServer(python=sys.executable, extra_args=["--model", "litemedsam", "--device", "cpu"])
+    url, token = local.start()
+    client = medsam_client.MedSAMClient(url, token=token)
+    try:
+        local.wait_ready(client.info, timeout=300)
+        yield local, client
+    finally:
+        local.stop()

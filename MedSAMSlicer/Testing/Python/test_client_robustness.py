@@ -23,18 +23,6 @@ from MedSAMSlicerLib import client as medsam_client  # noqa: E402
 from MedSAMSlicerLib import keyframes, local_server, run, segments  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def server():
-    local = local_server.LocalServer(python=sys.executable, extra_args=["--model", "litemedsam", "--device", "cpu"])
-    url, token = local.start()
-    client = medsam_client.MedSAMClient(url, token=token)
-    try:
-        local.wait_ready(client.info, timeout=300)
-        yield local, client
-    finally:
-        local.stop()
-
-
 def _lung_request(scene, ct_volume, slices=(12, 22, 31)):
     """A run request for the right lung of CTChest4 with an ROI keyframe on each of ``slices``."""
     segmentation_node, (segment_id,) = add_segmentation(scene, ct_volume, ("right lung",))

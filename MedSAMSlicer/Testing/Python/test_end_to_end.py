@@ -7,7 +7,6 @@ module starts it (``local_server.LocalServer``: a child process with a random to
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 
@@ -29,19 +28,6 @@ from MedSAMSlicerLib import client as medsam_client  # noqa: E402
 from MedSAMSlicerLib import geometry, keyframes, local_server, run, segments  # noqa: E402
 
 KEYFRAMES = (12, 17, 22, 27, 31)  # right lung of CTChest4 spans slices 7..33
-
-
-@pytest.fixture(scope="module")
-def server():
-    """A real local server process, as the module starts it; stopped after the module's tests."""
-    local = local_server.LocalServer(python=sys.executable, extra_args=["--model", "litemedsam", "--device", "cpu"])
-    url, token = local.start()
-    client = medsam_client.MedSAMClient(url, token=token)
-    try:
-        local.wait_ready(client.info, timeout=300)
-        yield local, client
-    finally:
-        local.stop()
 
 
 def _roi_around(scene, volume_node, k, box, name):
