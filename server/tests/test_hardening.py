@@ -458,17 +458,17 @@ def _annotate_argv(tmp_path: Path, output: Path, *extra: str) -> list[str]:
 
 
 def test_annotate_never_replaces_an_output_that_appeared_during_the_run(tmp_path, monkeypatch, capsys):
-    """The real CLI and model; the file appears while the model runs (a wrapper around the real annotate)."""
-    from medsam_server import annotate, cli
+    """The real CLI and model; the file appears while the model runs (a wrapper around the real workflow)."""
+    from medsam_server import cli, multiview
 
     output = tmp_path / "out.seg.nrrd"
-    real = annotate.annotate
+    real = multiview.annotate_multiview  # what ``medsam annotate`` runs
 
     def someone_else_writes_out_meanwhile(*args, **kwargs):
         output.write_bytes(b"a colleague's segmentation")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(annotate, "annotate", someone_else_writes_out_meanwhile)
+    monkeypatch.setattr(multiview, "annotate_multiview", someone_else_writes_out_meanwhile)
     assert cli.main(_annotate_argv(tmp_path, output)) == 2
     assert "exists" in capsys.readouterr().err
     assert output.read_bytes() == b"a colleague's segmentation"
