@@ -90,9 +90,10 @@ def pythonSlicer() -> str:
 
 
 def installTorch() -> None:
-    """PyTorch through Slicer's PyTorch extension, which picks the build for this computer's CUDA (main thread)."""
-    if install.torch_installed():
-        return
+    """PyTorch through Slicer's PyTorch extension, which picks the build for this computer's CUDA.
+
+    Runs on the main thread and cannot be interrupted; PyTorchUtils imports torch into Slicer once installed.
+    """
     try:
         import PyTorchUtils
     except ModuleNotFoundError:
@@ -536,13 +537,11 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                   + "\n".join(install.PINS))
         if not slicer.util.confirmOkCancelDisplay(
                 f"{reason[0].upper()}{reason[1:]}.\n\nInstall it now? It needs a network connection and may take "
-                "several minutes (PyTorch alone is 1-3 GB). You can cancel while it runs.\n\n"
+                "several minutes (PyTorch alone is 1-3 GB). You can cancel while it runs (a Cancel during the "
+                "PyTorch step takes effect when that step ends).\n\n"
                 "To use a server on another computer instead, cancel and choose Remote under Server.",
                 "Install the MedSAM server", detailedText=detail):
             raise install.InstallError("Installation cancelled. Choose Remote under Server to use a server elsewhere.")
-        self.ui.statusLabel.text = "Installing PyTorch (PyTorch extension)..."
-        slicer.app.processEvents()  # one repaint before PyTorchUtils blocks with its own progress
-        installTorch()
         logPath = os.path.join(slicer.app.temporaryPath, "MedSAMSlicer-install.log")
         runner = install.PipInstall(pythonSlicer(), source, logPath)
         cancel = threading.Event()
@@ -564,7 +563,21 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.statusLabel.text = f"The MedSAM server is installed (log: {logPath})."
                 self.onSegment()
 
-        self._startBackground("install", work, done, cancel)
+        def setBusy(busy):
+            self._busy = {"kind": "install", "cancel": cancel, "cancelling": "Cancelling: the PyTorch step cannot "
+                          "be interrupted; the MedSAM server will not be installed after it."} if busy else None
+            self._updateButtons()
+
+        def runTorch(step):
+            self.ui.statusLabel.text = step.status
+            slicer.app.processEvents()  # the disabled buttons and the status, before PyTorchUtils blocks
+            installTorch()
+
+        def startServer(step):
+            self.ui.statusLabel.text = step.status
+            self._startBackground("install", work, done, cancel)
+
+        install.walk(install.steps(source, install.torch_installed()), cancel, setBusy, runTorch, startServer)
         return False
 
     def _handleInstallError(self, error: install.InstallError):
@@ -623,7 +636,7 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onCancel(self):
         if self._busy is not None and self._busy["kind"] in ("install", "run"):
             self._busy["cancel"].set()  # the run's client cancels the server's job too
-            self.ui.statusLabel.text = "Cancelling..."
+            self.ui.statusLabel.text = self._busy.get("cancelling", "Cancelling...")
 
     def _startBackground(self, kind: str, function, callback, cancel):
         """Run ``function`` in a daemon thread; the panel is busy (its server controls disabled) until done."""

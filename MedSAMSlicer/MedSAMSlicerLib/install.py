@@ -7,8 +7,12 @@ its dependencies held to the ranges it was tested with (``PINS``, a pip constrai
 first, from Slicer's PyTorch extension, which picks the build for the computer's CUDA. A developer may
 point the ``ServerSource`` setting at a checkout's ``server/`` folder instead.
 
-What is installed is read from package metadata (``importlib.metadata``, ``find_spec``): neither torch
-nor the server is ever imported into Slicer's process.
+What is installed is read from package metadata (``importlib.metadata``, ``find_spec``): detecting it
+imports neither torch nor the server. Installing PyTorch does import torch into Slicer's process: the
+PyTorch extension's ``installTorch()`` imports the torch it has just installed and returns it. That step
+runs on Slicer's main thread (the extension's own progress) and Cancel cannot stop it while it runs: a
+Cancel pressed meanwhile takes effect when it ends, before the server's pip step, which Cancel does stop.
+The panel walks the ``steps`` with ``walk``, busy from before the first step until the last one ends.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from . import processes
 
@@ -154,6 +159,57 @@ def plan(module_dir: str, developer_folder: str = "") -> tuple[str | None, str]:
             return None, ""
         raise
     return source, install_reason(source)
+
+
+TORCH_STEP = "torch"
+SERVER_STEP = "server"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the install. ``kind``: TORCH_STEP (the PyTorch extension, on the main thread) or
+    SERVER_STEP (pip, in a worker thread); ``status``: what the panel says while it runs; ``cancellable``:
+    whether Cancel stops it while it runs (else a Cancel takes effect when it ends)."""
+
+    kind: str
+    status: str
+    cancellable: bool
+
+
+def steps(source: str, torch_present: bool) -> list[Step]:
+    """What installing the server from ``source`` takes, in order: PyTorch first where it is missing."""
+    server = Step(SERVER_STEP, f"Installing the MedSAM server from {source}...", cancellable=True)
+    if torch_present:
+        return [server]
+    return [Step(TORCH_STEP, "Installing PyTorch (PyTorch extension; Cancel takes effect when it ends)...",
+                 cancellable=False), server]
+
+
+def walk(plan: Sequence[Step], cancel: threading.Event, set_busy: Callable[[bool], None],
+         run_torch: Callable[[Step], None], start_server: Callable[[Step], None]) -> bool:
+    """Walk the install ``plan`` with the panel busy (Segment, Test connection, the server controls off)
+    from before the first step; a second press while PyTorch installs finds it busy.
+
+    ``run_torch`` returns when PyTorch is installed; ``start_server`` starts pip in a worker thread and
+    returns. True: the server step runs on, and its end clears the busy state. False: nothing was left
+    to do, and the busy state is clear again. Any error, or a Cancel pressed during the PyTorch step,
+    clears it too and raises (InstallCancelled for the Cancel).
+    """
+    set_busy(True)
+    try:
+        for step in plan:
+            if step.kind == TORCH_STEP:
+                run_torch(step)
+                if cancel.is_set():
+                    raise InstallCancelled("Installation cancelled: PyTorch is installed, the MedSAM server is not.")
+            else:
+                start_server(step)
+                return True
+    except BaseException:
+        set_busy(False)
+        raise
+    set_busy(False)
+    return False
 
 
 def constraints_text() -> str:

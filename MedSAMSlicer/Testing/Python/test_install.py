@@ -107,6 +107,71 @@ def test_pip_command_is_a_list_with_the_paths_whole():
     assert command[command.index("--constraint") + 1] == "/tmp/a b/constraints.txt"
 
 
+def test_the_steps_install_pytorch_first_only_where_it_is_missing():
+    assert [step.kind for step in install.steps(SERVER_DIR, torch_present=False)] == ["torch", "server"]
+    only = install.steps(SERVER_DIR, torch_present=True)
+    assert [step.kind for step in only] == ["server"] and SERVER_DIR in only[0].status
+    torch_step = install.steps(SERVER_DIR, torch_present=False)[0]
+    assert torch_step.cancellable is False and "Cancel takes effect when it ends" in torch_step.status
+
+
+class _Panel:
+    """Stands in for the Slicer panel (no Slicer GUI here): its busy flag and what it saw at each step.
+    The PyTorch step stands in for PyTorchUtils (a module of Slicer's PyTorch extension, absent here)."""
+
+    def __init__(self):
+        self.busy = False
+        self.history = []
+        self.busy_during = {}
+
+    def set_busy(self, busy):
+        self.busy = busy
+        self.history.append(busy)
+
+    def run_torch(self, step):
+        self.busy_during[step.kind] = self.busy
+
+    def start_server(self, step):
+        self.busy_during[step.kind] = self.busy
+
+
+def test_the_panel_is_busy_before_pytorch_installs_and_stays_busy_for_the_server_step():
+    panel = _Panel()
+    runs_on = install.walk(install.steps(SERVER_DIR, False), threading.Event(), panel.set_busy, panel.run_torch,
+                           panel.start_server)
+    assert runs_on is True
+    assert panel.busy_during == {"torch": True, "server": True}
+    assert panel.history == [True]  # cleared by the server step's end, not before
+
+
+def test_a_failed_pytorch_step_clears_the_busy_state_and_starts_no_server_install():
+    panel = _Panel()
+
+    def fail(step):
+        panel.run_torch(step)
+        raise install.InstallError("PyTorch could not be installed; install it in the PyTorch Utils module.")
+
+    with pytest.raises(install.InstallError, match="PyTorch could not be installed"):
+        install.walk(install.steps(SERVER_DIR, False), threading.Event(), panel.set_busy, fail, panel.start_server)
+    assert panel.busy_during == {"torch": True}
+    assert panel.history == [True, False] and panel.busy is False
+
+
+def test_cancel_during_the_pytorch_step_takes_effect_when_it_ends():
+    panel = _Panel()
+    cancel = threading.Event()
+
+    def press_cancel_meanwhile(step):
+        panel.run_torch(step)
+        cancel.set()
+
+    with pytest.raises(install.InstallCancelled, match="PyTorch is installed, the MedSAM server is not"):
+        install.walk(install.steps(SERVER_DIR, False), cancel, panel.set_busy, press_cancel_meanwhile,
+                     panel.start_server)
+    assert "server" not in panel.busy_during
+    assert panel.history == [True, False]
+
+
 @pytest.fixture(scope="module")
 def bundled(tmp_path_factory):
     """The server folder as the extension package holds it: BundleServer.cmake run by a real CMake."""
