@@ -14,6 +14,7 @@ import sys
 import xml.etree.ElementTree as ET
 
 import pytest
+import tomllib
 
 from conftest import MODULE_DIR, REPO_DIR
 
@@ -183,7 +184,60 @@ def test_cmake_bundles_the_server_where_the_module_installs_it_from():
     assert f"set(MEDSAM_SERVER_DESTINATION {destination})" in text
     assert "include(${CMAKE_CURRENT_SOURCE_DIR}/BundleServer.cmake)" in text
     assert os.path.isfile(os.path.join(REPO_DIR, "server", "pyproject.toml"))
-    assert install.source_version(os.path.join(REPO_DIR, "server"))  # names our package, with a version
+    with open(os.path.join(REPO_DIR, "server", "pyproject.toml"), "rb") as handle:
+        project = tomllib.load(handle)["project"]
+    assert project["name"] == install.DISTRIBUTION
+    assert install.source_version(os.path.join(REPO_DIR, "server")) == project["version"]
+
+
+SELF_TEST_RUNNER = """\
+import sys
+import unittest
+
+
+class MedSAMSlicerTest(unittest.TestCase):
+    def test_keyframes_on_real_ct(self):
+        pass
+
+    def test_segment_right_lung(self):
+        if sys.argv[1] in ("skip", "fail"):
+            raise unittest.SkipTest("SKIPPED test_segment_right_lung: no local server")
+
+    def test_keyframes_map_to_boxes(self):
+        self.assertNotEqual(sys.argv[1], "fail", "the keyframe boxes are wrong")
+
+
+# as slicer.testing.runUnitTest runs the module's self-test
+result = unittest.TextTestRunner(verbosity=2).run(unittest.TestLoader().loadTestsFromTestCase(MedSAMSlicerTest))
+sys.exit(0 if result.wasSuccessful() else 1)
+"""
+
+
+def test_ctest_reports_a_skipped_self_test_as_skipped_and_a_failed_one_as_failed(tmp_path):
+    """The SKIP_REGULAR_EXPRESSION lines of MedSAMSlicer/CMakeLists.txt, as written, run by a real CTest on a
+    stand-in for Slicer's launcher (no Slicer here) that runs a unittest the way slicer.testing.runUnitTest does."""
+    ctest, cmake = shutil.which("ctest"), shutil.which("cmake")
+    if ctest is None or cmake is None:
+        pytest.skip("no cmake/ctest here")
+    with open(os.path.join(MODULE_DIR, "CMakeLists.txt")) as handle:
+        text = handle.read()
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+    skip_lines = re.search(r"^ *set\(MEDSAM_SELF_TEST_SKIPPED .*\n^ *set_tests_properties\(py_\$\{MODULE_NAME\} "
+                           r"PROPERTIES SKIP_REGULAR_EXPRESSION .*$", text, re.MULTILINE)
+    assert skip_lines, "the self-test's CTest has no SKIP_REGULAR_EXPRESSION"
+    (tmp_path / "runner.py").write_text(SELF_TEST_RUNNER)
+    (tmp_path / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.16)\nproject(SelfTestSkip NONE)\nenable_testing()\n"
+        "foreach(MODE pass skip fail)\n"
+        "  set(MODULE_NAME ${MODE})\n"
+        f'  add_test(NAME py_${{MODULE_NAME}} COMMAND "{sys.executable}" "{tmp_path / "runner.py"}" ${{MODE}})\n'
+        f"{skip_lines.group(0)}\n"
+        "endforeach()\n")
+    build = tmp_path / "build"
+    subprocess.run([cmake, "-S", str(tmp_path), "-B", str(build)], check=True, capture_output=True)
+    output = subprocess.run([ctest, "--test-dir", str(build)], capture_output=True, text=True, timeout=120).stdout
+    status = dict(re.findall(r"Test +#\d+: py_(\w+) \.+ *\**(\w+)", output))
+    assert status == {"pass": "Passed", "skip": "Skipped", "fail": "Failed"}, output
 
 
 def test_icon_is_a_128_pixel_png():
