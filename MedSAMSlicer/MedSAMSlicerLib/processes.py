@@ -30,14 +30,47 @@ def start_tree(command: Sequence[str], **popen: Any) -> subprocess.Popen:
     return subprocess.Popen(list(command), **popen)
 
 
+def _states_from_proc(pgid: int) -> list[str]:
+    """The state letters (R, S, Z, ...) of the processes in group ``pgid``, from /proc (Linux)."""
+    states = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", encoding="ascii", errors="replace") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()  # after "(command name)": state, ppid, pgrp
+        except (OSError, IndexError):
+            continue  # ended meanwhile
+        if len(fields) > 2 and fields[2] == str(pgid):
+            states.append(fields[0])
+    return states
+
+
+def _states_from_ps(pgid: int) -> list[str] | None:
+    """The same from ``ps`` (macOS and other systems without /proc); None where ps cannot tell."""
+    try:
+        listing = subprocess.run(["ps", "-A", "-o", "pgid=,stat="], capture_output=True, text=True, timeout=5.0,
+                                 stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if listing.returncode != 0:
+        return None
+    rows = (line.split() for line in listing.stdout.splitlines())
+    return [row[1][:1] for row in rows if len(row) == 2 and row[0] == str(pgid)]
+
+
 def _group_alive(pgid: int) -> bool:
+    """Does group ``pgid`` have a member that is not a zombie? ``killpg(pgid, 0)`` alone also answers for
+    zombies (not reaped by their parent: e.g. orphans under a container's PID 1 that reaps nothing), which
+    hold no port or memory."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # a member we may not signal: still there
-        return True
-    return True
+    except PermissionError:  # a member we may not signal: still there (its state is read below)
+        pass
+    states = _states_from_proc(pgid) if os.path.isdir("/proc/self") else _states_from_ps(pgid)
+    return states is None or any(state not in ("Z", "X") for state in states)
 
 
 def _wait_group(process: subprocess.Popen, seconds: float) -> bool:
@@ -56,7 +89,8 @@ def end_tree(process: subprocess.Popen, grace: float = 10.0) -> None:
     """End ``process`` and every process it started (see the module docstring); returns when they are gone.
 
     Members get ``grace`` seconds after the polite signal, then are killed. A member that is only a
-    zombie (not yet reaped by its new parent) holds no port or memory and is not waited for long.
+    zombie (not yet reaped by its new parent) holds no port or memory and is not waited for: the leader
+    is reaped here, and the others' states are read from /proc, or from ``ps`` where there is no /proc.
     """
     if WINDOWS:
         if process.poll() is None:
