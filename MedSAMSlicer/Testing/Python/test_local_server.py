@@ -110,8 +110,7 @@ def test_stop_ends_launcher_and_interpreter_and_closes_the_port(tmp_path):
 
 def test_the_server_exits_when_slicer_is_killed(tmp_path):
     launcher = make_launcher(tmp_path)
-    if local_server.WATCH_PID_OPTION not in local_server.serve_help(launcher):
-        pytest.skip("the installed server has no `medsam serve --watch-pid` yet (issue 12)")
+    assert local_server.WATCH_PID_OPTION in local_server.serve_help(launcher)  # this checkout's server has it
     slicer_stand_in = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""\
         import sys, time
         sys.path.insert(0, {MODULE_DIR!r})
