@@ -38,6 +38,9 @@ ARRAY_FIELDS = ("dtype", "shape", "compression", "spacing", "origin", "direction
 MAX_LABEL = 65535
 #: Segments one prompt document may hold (far more than any labelmap of a body has).
 MAX_SEGMENTS = 1024
+#: Probabilities above this are inside a mask (both model families, as upstream): the default of every
+#: threshold (``medsam annotate --threshold``, the annotate request's option, a kept run's).
+MASK_THRESHOLD = 0.5
 
 # Routes (``str.format`` templates of the path).
 ROUTE_HEALTH = "/health"

@@ -20,9 +20,8 @@ from typing import Optional
 import numpy as np
 
 from .errors import InputError
+from .protocol import MASK_THRESHOLD
 from .review import segment_report, slice_confidence
-
-DEFAULT_THRESHOLD = 0.5
 
 
 def check_threshold(value, where: str = "threshold") -> float:
@@ -55,7 +54,7 @@ class SegmentRun:
     boxes: dict[int, np.ndarray] = field(default_factory=dict)  # slice -> (4,) box it was decoded with
     keyframes: list[int] = field(default_factory=list)
     locked: dict[int, np.ndarray] = field(default_factory=dict)  # slice -> bool mask kept as it is
-    threshold: float = DEFAULT_THRESHOLD
+    threshold: float = MASK_THRESHOLD
     slice_thresholds: dict[int, float] = field(default_factory=dict)
     fill_holes: bool = True  # the run's post-processing (AnnotateOptions)
     largest_component: bool = True

@@ -23,8 +23,8 @@ from .errors import InputError, shown
 from .geometry import DEFAULT_ORIENTATION, ORIENTATIONS, check_box, check_points, slice_shape
 from .intensity import parse_window
 from .prompts import PromptDocument, check_axis, check_int, check_orientation, no_unknown_keys, parse_prompts
-from .protocol import MAX_BATCH_SIZE, MAX_LABEL, Limits
-from .refine import DEFAULT_THRESHOLD, check_threshold
+from .protocol import MASK_THRESHOLD, MAX_BATCH_SIZE, MAX_LABEL, Limits
+from .refine import check_threshold
 
 INTERPOLATIONS = ("pchip", "linear")
 #: Points (clicks) with box-trained weights: measured on CTChest4 (README "Review and refine").
@@ -54,7 +54,7 @@ class AnnotateOptions:
                                "in-plane orientation in which slices reach the model (default %(default)s)",
                                choices=ORIENTATIONS)
     batch_size: Optional[int] = _option(None, int, "boxes per decoder call (default: the model's best batch)")
-    threshold: float = _option(DEFAULT_THRESHOLD, float, "probability above which a voxel is inside (default "
+    threshold: float = _option(MASK_THRESHOLD, float, "probability above which a voxel is inside (default "
                                "%(default)s; lower grows the masks)", metavar="T")
     # Re-box one slice: a keyframe box on it (or its interpolated box) is decoded there alone.
     only_slice: Optional[int] = _option(None, int, "decode slice K alone and write only it (re-box one slice; "

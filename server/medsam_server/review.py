@@ -23,6 +23,8 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from .protocol import MASK_THRESHOLD
+
 #: Half-width, in logits, of the band that stability compares (SAM's stability_score_offset).
 STABILITY_LOGIT_OFFSET = 1.0
 #: The share of slices whose error ``worst_error_share`` reports (the review list's length).
@@ -46,7 +48,7 @@ def _shifted(threshold: float, offset: float) -> float:
     return 1.0 / (1.0 + math.exp(-(math.log(t / (1 - t)) + offset)))
 
 
-def stability(probabilities: np.ndarray, threshold: float = 0.5) -> float:
+def stability(probabilities: np.ndarray, threshold: float = MASK_THRESHOLD) -> float:
     """IoU of ``probabilities`` (rows, cols) in [0, 1] thresholded one logit below and above ``threshold``."""
     low = probabilities > _shifted(threshold, -STABILITY_LOGIT_OFFSET)
     high = probabilities > _shifted(threshold, STABILITY_LOGIT_OFFSET)
@@ -71,7 +73,7 @@ def slice_confidence(
     masks: Mapping[int, np.ndarray],
     probabilities: Mapping[int, np.ndarray],
     boxes: Mapping[int, Sequence[float]],
-    threshold: float = 0.5,
+    threshold: float = MASK_THRESHOLD,
 ) -> dict[int, float]:
     """Confidence in [0, 1] of every slice in ``boxes`` (the slices a segment's run decoded).
 

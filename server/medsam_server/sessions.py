@@ -44,7 +44,7 @@ from .geometry import changed_block
 from .intensity import check_finite
 from .jobs import Job, JobBook, run_job
 from .multiview import annotate_multiview
-from .protocol import IMAGE_DTYPES, Limits
+from .protocol import IMAGE_DTYPES, MASK_THRESHOLD, Limits
 from .refine import kept_review, merge, set_thresholds, threshold_answer
 from .requests import (
     SegmentRequest,
@@ -54,7 +54,7 @@ from .requests import (
     parse_segment_request,
     parse_threshold_request,
 )
-from .stack import MASK_THRESHOLD, SliceStack
+from .stack import SliceStack
 from .worker import PRIORITY_ANNOTATE, PRIORITY_PREFETCH, PRIORITY_SEGMENT, ModelWorker, WorkerModel
 
 log = logging.getLogger(__name__)

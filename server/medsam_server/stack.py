@@ -20,9 +20,7 @@ from .embeddings import EmbeddingCache, EmbedResult, SliceKey, volume_digest
 from .errors import InputError
 from .geometry import DEFAULT_ORIENTATION, SliceView, canonical_view, slice_index
 from .intensity import to_uint8
-
-#: Probabilities above this are inside the mask (both model families, as upstream).
-MASK_THRESHOLD = 0.5
+from .protocol import MASK_THRESHOLD
 
 
 class SliceStack:

@@ -23,7 +23,7 @@ from ..embeddings import EmbedResult, Progress, ShouldStop, SliceKey, ViewSlice,
 from ..errors import InputError
 from ..geometry import check_box
 from ..intensity import to_uint8
-from ..stack import MASK_THRESHOLD
+from ..protocol import MASK_THRESHOLD
 from .allocator import keep_freed_memory
 
 # Prompt labels as SAM's prompt encoder numbers its learned embeddings.
