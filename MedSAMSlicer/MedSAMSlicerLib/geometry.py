@@ -200,3 +200,39 @@ def grid_axis(direction_world: Sequence[float], volume: VolumeArray) -> tuple[in
     cosines = np.abs(direction / np.linalg.norm(direction) @ volume.direction_ras)
     axis = int(np.argmax(cosines))
     return axis, float(np.degrees(np.arccos(min(1.0, cosines[axis]))))
+
+# ------------------------------------------------------------------------------------------------ slice views
+
+
+def slice_centre_world(volume_node, axis: int, index: int) -> np.ndarray:
+    """(3,) world (RAS) point at the centre of slice ``index`` along IJK ``axis``: where to jump the views."""
+    size = volume_node.GetImageData().GetDimensions()
+    u, v = in_plane_axes(axis)
+    if not 0 <= int(index) < size[axis]:
+        raise InputError(f"slice {index} is outside the volume's {size[axis]} slices along axis {axis}")
+    centre = np.ones(4)
+    centre[axis] = int(index)
+    centre[u], centre[v] = (size[u] - 1) / 2.0, (size[v] - 1) / 2.0
+    return (ijk_to_world(volume_node) @ centre)[:3]
+
+
+def jump_to_slice(slice_nodes: Sequence, volume_node, axis: int, index: int) -> np.ndarray:
+    """Move every slice view so that its plane passes through the centre of slice ``index`` (each view's own
+    jump mode: offset or centre; oblique views too). Returns the world point."""
+    point = slice_centre_world(volume_node, axis, index)
+    for slice_node in slice_nodes:
+        slice_node.JumpSlice(*(float(c) for c in point))
+    return point
+
+
+def view_slice(slice_node, volume_node, axis: int, tolerance_degrees: float = 1.0) -> int | None:
+    """The slice along IJK ``axis`` that a slice view shows, or None when the view is not parallel to that
+    slice (another orientation, an oblique view) or lies outside the volume."""
+    slice_to_ras = array_from_vtk_matrix(slice_node.GetSliceToRAS())
+    volume = VolumeArray(array=np.zeros((1, 1, 1)), ijk_to_world=ijk_to_world(volume_node))
+    found, angle = grid_axis(slice_to_ras[:3, 2], volume)
+    if found != axis or angle > tolerance_degrees:
+        return None
+    index = int(round(float(volume.world_to_ijk(slice_to_ras[:3, 3])[0, axis])))
+    size = volume_node.GetImageData().GetDimensions()
+    return index if 0 <= index < size[axis] else None

@@ -130,11 +130,40 @@ def apply_run(request: RunRequest, result: RunResult, volume_node, segmentation_
                         save_undo_state=save_undo_state)
 
 
+#: The panel's "Quality" choice -> the annotate request's options (server ``requests.AnnotateOptions``).
+#: "best": the 10 % box margin and the orthogonal views (README "Accuracy": the margin lifted most targets
+#: of CTChest4 and the MR brain, the views the spine; about twice the time).
+QUALITY_OPTIONS = {"fast": {}, "best": {"box_margin": 0.1, "views": True}}
+QUALITIES = tuple(QUALITY_OPTIONS)
+
+
+def quality_options(quality: str, single_slice: bool = False) -> dict:
+    """The annotate options of a quality name; ``single_slice`` (a re-box) drops the views, which refine a
+    whole segment, and keeps the margin."""
+    if quality not in QUALITY_OPTIONS:
+        raise InputError(f"quality is one of {', '.join(QUALITIES)}, got {quality!r}")
+    options = dict(QUALITY_OPTIONS[quality])
+    if single_slice:
+        options.pop("views", None)
+    return options
+
+
+def keyframe_slices(request: RunRequest) -> list[int]:
+    """Slices of ``request`` that carry a keyframe (a box or lines) of its segment."""
+    segment = request.document["segments"][0]
+    return sorted({int(k["slice"]) for k in segment.get("boxes", []) + segment.get("lines", [])})
+
+
 def rebox_slice(client, request: RunRequest, slice_: int, session: Any = None, progress: Callable | None = None,
-                cancel: Any = None) -> RunResult:
+                cancel: Any = None, options: dict | None = None) -> RunResult:
     """Decode slice ``slice_`` alone from its keyframe box in ``request`` (re-box one slice); no propagation.
-    ``apply_run`` then writes that slice only, as one undo step."""
-    return execute_run(client, request, session, progress, cancel, {"only_slice": int(slice_), "propagate": 0})
+    ``apply_run`` then writes that slice only, as one undo step. The slice needs a keyframe of its own (a box
+    drawn on it, or a keyframe whose corner moved): that keyframe is what the next Segment keeps."""
+    if int(slice_) not in keyframe_slices(request):
+        raise InputError(f"slice {slice_} has no keyframe: draw a box on it (Add box) or move a keyframe's corner "
+                         "there, then re-box")
+    chosen = {**(options or {}), "only_slice": int(slice_), "propagate": 0}
+    return execute_run(client, request, session, progress, cancel, chosen)
 
 
 def apply_threshold(client, session, volume_node, segmentation_node, segment_id: str, label: int = 1,
