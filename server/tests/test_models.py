@@ -144,6 +144,34 @@ def test_load_model_rejects_bad_arguments(kwargs, message):
         load_model(**{"device": "cpu", **kwargs})
 
 
+@pytest.mark.parametrize("command", ["annotate", "simulate", "serve"])
+def test_every_model_command_takes_the_same_device_flag(command, capsys):
+    """One ``--device`` for every command: the names, or cuda:N (a GPU by index); anything else exits 2 saying so."""
+    from medsam_server import cli
+
+    parser = cli.build_parser(command)
+    required = {"annotate": ["img.nrrd", "--prompts", "p.json", "--output", "o.nrrd"],
+                "simulate": ["--image", "img.nrrd", "--ref", "ref.nrrd", "--every", "5"], "serve": []}[command]
+    for device in ("auto", "cpu", "cuda", "mps", "cuda:0", "cuda:12"):
+        assert parser.parse_args([command, *required, "--device", device]).device == device
+    for bad in ("gpu", "cuda:", "cuda:-1", "cuda:x", "cuda:1:2", "CUDA"):
+        with pytest.raises(SystemExit) as done:
+            parser.parse_args([command, *required, "--device", bad])
+        assert done.value.code == 2
+        assert f"unknown device {bad!r}; use one of auto, cpu, cuda, mps, or cuda:N" in capsys.readouterr().err
+
+
+def test_a_cuda_index_beyond_the_gpus_is_refused_by_name(monkeypatch):
+    from medsam_server.models import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == "cuda:1"
+    with pytest.raises(InputError, match=r"device cuda:2 was asked for but torch sees 2 CUDA GPU\(s\): "
+                                         r"use cuda:0\.\.cuda:1"):
+        resolve_device("cuda:2")
+
+
 # ------------------------------------------------------------------ embedding cache
 
 

@@ -10,7 +10,7 @@ from typing import Optional
 
 from ..errors import InputError
 from ..intensity import WINDOW_NAMES, window_from_text
-from ..models import BACKENDS, DEFAULT_BACKEND, DEFAULT_MODEL, DEFAULT_PRECISION, DEVICES, MODEL_NAMES, PRECISIONS
+from ..models import add_model_arguments
 from ..requests import add_option_arguments, options_from_arguments
 from .annotate_io import check_paths, read_existing, segments_to_write, write_seg_output
 
@@ -33,18 +33,6 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", type=Path, metavar="JSON", help="write each slice's confidence here, least "
                    "confident first: the slices to review")
     p.set_defaults(func=run)
-
-
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """The model options every command that runs a model shares."""
-    p.add_argument("--model", choices=MODEL_NAMES, default=DEFAULT_MODEL)
-    p.add_argument("--checkpoint", type=Path, help="weights file (default: bundled / downloaded once)")
-    p.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND,
-                   help="auto (default): ONNX Runtime on a CPU, torch on a GPU")
-    p.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
-                   help="int8: the quantized encoder (ONNX backend; faster on a CPU, masks within 0.005 Dice)")
-    p.add_argument("--threads", type=int, metavar="N", help="ONNX Runtime threads (default: the physical cores)")
-    p.add_argument("--device", choices=DEVICES, default="auto")
 
 
 def progress_bar(bar):

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 
 from ..errors import InputError
-from ..models import BACKENDS, DEFAULT_BACKEND, DEFAULT_MODEL, DEFAULT_PRECISION, DEVICES, MODEL_NAMES, PRECISIONS
+from ..models import add_model_arguments
 from ..protocol import DEFAULT_HOST, DEFAULT_PORT
 
 WATCH_PERIOD_SECONDS = 0.5
@@ -34,14 +34,7 @@ def register(parser: argparse.ArgumentParser) -> None:
                           "cached slices. Binds 127.0.0.1 unless told otherwise; another address needs a token.")
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default %(default)s)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (default %(default)s)")
-    parser.add_argument("--model", choices=MODEL_NAMES, default=DEFAULT_MODEL, help="model (default %(default)s)")
-    parser.add_argument("--checkpoint", metavar="PATH", help="weights file (default: bundled or downloaded)")
-    parser.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND,
-                        help="runtime (default auto: ONNX Runtime on a CPU, torch on a GPU)")
-    parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
-                        help="int8: the quantized encoder (ONNX backend) (default fp32)")
-    parser.add_argument("--threads", type=int, metavar="N", help="ONNX Runtime threads (default: the physical cores)")
-    parser.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} or cuda:N (default auto)")
+    add_model_arguments(parser)
     parser.add_argument("--token-file", metavar="FILE",
                         help=f"file of bearer tokens, one per line (or set {TOKEN_ENV}); needed off loopback")
     parser.add_argument("--cache-gb", type=float, default=2.0, help="embedding cache size in GiB (default 2)")
@@ -185,11 +178,15 @@ def _run_on_ray(settings, args: argparse.Namespace) -> int:
     """The same API on Ray Serve replicas (``ray_serve.py``); each replica loads its own model."""
     if args.replicas is not None and args.replicas < 1:
         raise InputError("--replicas must be at least 1")
+    if args.watch_pid is not None and not process_alive(args.watch_pid):
+        raise InputError(f"--watch-pid {args.watch_pid}: no such process")
     try:
         from .. import ray_serve
     except ImportError as err:
         raise InputError(str(err)) from None
     print(f"medsam serve: {args.replicas or 1} replica(s) on Ray Serve, http://{args.host}:{args.port}",
           file=sys.stderr)
-    ray_serve.run(settings, ray_serve.ScaleOut(replicas=args.replicas or 1), address=args.ray)
+    # Serves until SIGTERM/SIGINT or the end of --watch-pid, then stops the Ray processes it started.
+    ray_serve.run(settings, ray_serve.ScaleOut(replicas=args.replicas or 1), address=args.ray,
+                  watch_pid=args.watch_pid)
     return 0

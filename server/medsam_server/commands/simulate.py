@@ -11,8 +11,9 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..intensity import WINDOW_NAMES, window_from_text
+from ..models import add_model_arguments
 from ..requests import add_option_arguments, options_from_arguments
-from .annotate import add_model_arguments, progress_bar
+from .annotate import progress_bar
 
 
 def register(p: argparse.ArgumentParser) -> None:
@@ -20,7 +21,10 @@ def register(p: argparse.ArgumentParser) -> None:
                      "box (or RECIST lines), run the annotate workflow, and score it against the reference.")
     p.add_argument("--image", type=Path, required=True)
     p.add_argument("--ref", type=Path, required=True, help="reference labelmap or .seg.nrrd on the image's grid")
-    p.add_argument("--every", type=int, nargs="+", required=True, metavar="K", help="keyframe spacing(s) in slices")
+    p.add_argument("--every", type=int, nargs="+", metavar="K", help="keyframe spacing(s) in slices")
+    p.add_argument("--clicks", type=int, metavar="N",
+                   help="instead of keyframes: a box on every slice of each target and N rounds of corrective clicks "
+                        "(box + points; mean Dice per round)")
     p.add_argument("--labels", nargs="+", help="reference segment names or label values (default: all)")
     p.add_argument("--markers", choices=("boxes", "lines"), default="boxes")
     p.add_argument("--jitter-px", type=int, default=0, metavar="J", help="jitter each box side by up to J pixels")
@@ -48,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     from ..review import review_scores
     from ..simulate import simulated_prompts, target_labels
 
+    if (args.every is None) == (args.clicks is None):
+        raise InputError("give --every K (keyframes) or --clicks N (corrective clicks), one of them")
     volume = read_image(args.image)
     reference, names = read_labels(args.ref, volume)
     targets = target_labels(names, args.labels)
@@ -55,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.checkpoint, args.device, args.backend, precision=args.precision,
                        threads=args.threads)
     cache = EmbeddingCache()  # shared by every K: each slice is encoded once
+    if args.clicks is not None:
+        return _run_clicks(args, volume, reference, targets, window, model, cache)
     options = options_from_arguments(args)
     rows = []
     for every in args.every:
@@ -80,6 +88,28 @@ def run(args: argparse.Namespace) -> int:
     _print_table(rows)
     if args.out:
         _write_reports(args.out, rows)
+    return 0
+
+
+def _run_clicks(args: argparse.Namespace, volume, reference, targets, window, model, cache) -> int:
+    """The corrective-click protocol (``simulate.click_rounds``) on every slice of each target."""
+    from ..simulate import click_rounds
+    from ..stack import SliceStack
+
+    stack = SliceStack(volume.array, volume.direction, args.axis, window, model, cache, args.orientation)
+    rows = []
+    for name, label in targets:
+        target = reference == label
+        result = click_rounds(stack, target, range(stack.n_slices), args.clicks)
+        rows.append({"target": name, "slices": len(result["slices"]), "clicks": args.clicks,
+                     "dice": [round(v, 4) for v in result["dice"]], "worse": round(result["worse"], 4)})
+    print("| target | slices | mean Dice per round (box, then each click) | clicks that lowered Dice |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['target']} | {r['slices']} | {' → '.join(f'{v:.3f}' for v in r['dice'])} | {r['worse']:.0%} |")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "clicks.json").write_text(json.dumps(rows, indent=2) + "\n")
     return 0
 
 

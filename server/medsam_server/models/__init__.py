@@ -6,6 +6,7 @@ model families, their recipes and the runtimes load only when a model is built.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -21,7 +22,7 @@ BACKENDS = ("auto", "torch", "onnx")
 DEFAULT_BACKEND = "auto"  # ONNX Runtime on a CPU when it is installed (2x torch there), torch otherwise
 PRECISIONS = ("fp32", "int8")  # int8: the ONNX encoder quantized (models/quantize.py)
 DEFAULT_PRECISION = "fp32"  # int8 becomes the default only where bench/speed.py shows it faster at Dice within 0.005
-DEVICES = ("auto", "cpu", "cuda", "mps")
+DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N, the GPU of index N (check_device)
 
 
 def family(name: str):
@@ -35,12 +36,42 @@ def family(name: str):
     return module
 
 
+def check_device(device: str) -> str:
+    """A device name as the command line and ``load_model`` take it: one of ``DEVICES``, or ``cuda:N`` with N the
+    index of a GPU (0, 1, ...). Whether that device exists is :func:`resolve_device`'s question."""
+    kind, colon, index = str(device).partition(":")
+    if device in DEVICES or (kind == "cuda" and colon and index.isascii() and index.isdigit()):
+        return device
+    raise InputError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}, or cuda:N for the GPU of index N "
+                     "(e.g. cuda:1)")
+
+
+def _device_argument(text: str) -> str:
+    try:
+        return check_device(text)
+    except InputError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model flags of every command that runs a model (``annotate``, ``simulate``, ``serve``)."""
+    parser.add_argument("--model", choices=MODEL_NAMES, default=DEFAULT_MODEL, help="model (default %(default)s)")
+    parser.add_argument("--checkpoint", metavar="PATH", help="weights file (default: bundled, or downloaded once)")
+    parser.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND,
+                        help="runtime (default auto: ONNX Runtime on a CPU, torch on a GPU)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                        help="int8: the quantized encoder (ONNX backend; faster on a CPU, masks within 0.005 Dice) "
+                             "(default %(default)s)")
+    parser.add_argument("--threads", type=int, metavar="N", help="ONNX Runtime threads (default: the physical cores)")
+    parser.add_argument("--device", type=_device_argument, default="auto",
+                        help=f"one of {', '.join(DEVICES)}, or cuda:N for the GPU of index N (default %(default)s)")
+
+
 def resolve_device(device: str) -> str:
     """``auto`` -> cuda, then mps, then cpu; an explicit device that is absent is an error."""
     import torch
 
-    if device not in DEVICES and not device.startswith("cuda:"):
-        raise InputError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
+    check_device(device)
     if device == "auto":
         if torch.cuda.is_available():
             return "cuda"
@@ -48,6 +79,10 @@ def resolve_device(device: str) -> str:
         return "mps" if mps is not None and mps.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("device cuda was asked for but torch sees no CUDA GPU")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise InputError(f"device {device} was asked for but torch sees {count} CUDA GPU(s): "
+                         f"use cuda:0{f'..cuda:{count - 1}' if count > 1 else ''}")
     if device == "mps" and not torch.backends.mps.is_available():
         raise InputError("device mps was asked for but torch sees no Apple GPU")
     return device
@@ -105,4 +140,4 @@ def load_model(
 
 
 __all__ = ["BACKENDS", "DEFAULT_BACKEND", "DEFAULT_MODEL", "DEFAULT_PRECISION", "DEVICES", "MODEL_NAMES", "PRECISIONS",
-           "family", "load_model", "resolve_backend", "resolve_device"]
+           "add_model_arguments", "check_device", "family", "load_model", "resolve_backend", "resolve_device"]
