@@ -40,7 +40,9 @@ from .errors import (
     Cancelled,
     Forbidden,
     InputError,
+    NoReplica,
     NotFinished,
+    SessionLost,
     TooLarge,
     Unauthorized,
     UnknownJob,
@@ -88,6 +90,8 @@ ERRORS: dict[type, tuple[int, str]] = {
     NotFinished: (409, "not_finished"),
     Cancelled: (409, "cancelled"),
     Busy: (429, "busy"),
+    SessionLost: (410, "session_lost"),  # medsam serve --replicas: the session's replica stopped
+    NoReplica: (503, "no_replica"),
 }
 
 

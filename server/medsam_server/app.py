@@ -81,6 +81,33 @@ def is_loopback(host: str) -> bool:
         return False  # a host name may resolve to anything
 
 
+class Callers:
+    """Who a request comes from: its API version checked, its bearer token compared (constant time) with each
+    known token; the single-process server and the Ray ingress (``ray_serve.py``) both ask this."""
+
+    def __init__(self, tokens: tuple[str, ...]):
+        self.token_owners = [(t.encode(), hashlib.sha256(t.encode()).hexdigest()) for t in tokens]
+
+    def owner(self, authorization: str, api_version: Optional[str]) -> str:
+        """The caller's owner id (sha256 of its token; "" without auth) from its request headers."""
+        if api_version is not None and api_version.strip() != str(API_VERSION):
+            raise VersionMismatch(f"this server speaks MedSAM API {API_VERSION}, the client {api_version[:20]!r}; "
+                                  "update the one that is older")
+        if not self.token_owners:
+            return ""
+        scheme, _, presented = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not presented.strip():
+            raise Unauthorized("this server needs a token: send 'Authorization: Bearer <token>'")
+        presented_bytes = presented.strip().encode("utf-8", "surrogateescape")
+        owner = ""
+        for token, token_owner in self.token_owners:  # every token compared, in constant time each
+            if hmac.compare_digest(presented_bytes, token):
+                owner = token_owner
+        if not owner:
+            raise Forbidden("wrong token")
+        return owner
+
+
 class Server:
     """What the app holds between requests: model, worker, cache, sessions, a thread pool for blocking work."""
 
@@ -89,7 +116,7 @@ class Server:
         self.settings = settings
         self.model = model
         self.cache = cache if cache is not None else EmbeddingCache(int(settings.cache_gb * 2**30), settings.cache_fp16)
-        self.token_owners = [(t.encode(), hashlib.sha256(t.encode()).hexdigest()) for t in settings.tokens]
+        self.callers = Callers(settings.tokens)
         self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="medsam-request")
         self.worker: Optional[ModelWorker] = None
         self.sessions: Optional[Sessions] = None
@@ -133,25 +160,18 @@ class Server:
 
     def owner(self, authorization: str, api_version: Optional[str]) -> str:
         """The caller's owner id (sha256 of its token; "" without auth) from its request headers."""
-        if api_version is not None and api_version.strip() != str(API_VERSION):
-            raise VersionMismatch(f"this server speaks MedSAM API {API_VERSION}, the client {api_version[:20]!r}; "
-                                  "update the one that is older")
-        if not self.token_owners:
-            return ""
-        scheme, _, presented = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not presented.strip():
-            raise Unauthorized("this server needs a token: send 'Authorization: Bearer <token>'")
-        presented_bytes = presented.strip().encode("utf-8", "surrogateescape")
-        owner = ""
-        for token, token_owner in self.token_owners:  # every token compared, in constant time each
-            if hmac.compare_digest(presented_bytes, token):
-                owner = token_owner
-        if not owner:
-            raise Forbidden("wrong token")
-        return owner
+        return self.callers.owner(authorization, api_version)
 
     def session(self, session_id: str, owner: str, key: Optional[str]) -> ServerSession:
         return self.sessions.get(session_id, owner, key)
+
+    def load(self) -> dict:
+        """Aggregate figures of this server, safe to show every caller (no session, owner or slice named):
+        sessions held by everyone, cache bytes, hits and misses, slices encoded and model work queued."""
+        cache, worker = self.cache.stats(), self.worker.stats()
+        return {"sessions": len(self.sessions), "cache_bytes": cache.bytes, "cache_hits": cache.hits,
+                "cache_misses": cache.misses, "encoded_slices": worker["encoded_slices"],
+                "queued": worker["queued"]}
 
     def info(self, owner: str = "") -> dict:
         """What ``/info`` tells ``owner``: with tokens, its own sessions and no other user's counts."""

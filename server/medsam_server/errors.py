@@ -61,3 +61,11 @@ class Unauthorized(Exception):
 
 class Forbidden(Exception):
     """A token the server does not know."""
+
+
+class SessionLost(LookupError):
+    """The session's replica stopped (``medsam serve --replicas``): its volume and embeddings are gone; upload again."""
+
+
+class NoReplica(RuntimeError):
+    """No model replica is running (``medsam serve --replicas``): Ray Serve is starting them again; retry shortly."""
