@@ -1,13 +1,18 @@
-"""Run an ASGI app in process without a socket: its lifespan, and one request as (status, headers, body).
+"""ASGI without a socket for the Ray Serve path: run an app in process, and speak ASGI at the ingress.
 
-A Ray Serve replica holds the single-process server app this way and answers what the ingress forwards,
-so the replica gives exactly the single-process server's answers. Standard library only.
+:class:`InProcessApp` runs an ASGI app's lifespan and one request at a time as (status, headers, body): a
+Ray Serve replica holds the single-process server app this way and answers what the ingress forwards, so
+the replica gives exactly the single-process server's answers. The other functions are what the ingress
+(an ASGI app itself) needs: its lifespan, a header, the request body under a limit, an answer sent on.
+Standard library only; status codes are never chosen here (they come from the replica or ``api.ERRORS``).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable
+from typing import Any, Callable, Optional
+
+from .errors import TooLarge, WireError
 
 ASGI = {"version": "3.0", "spec_version": "2.3"}
 Headers = list[tuple[bytes, bytes]]
@@ -53,7 +58,7 @@ class InProcessApp:
             await never.wait()  # the client stays connected while the app works (the ingress holds it)
             return {"type": "http.disconnect"}
 
-        status, answer_headers, chunks = 500, [], []
+        status, answer_headers, chunks = None, [], []
 
         async def send(message: dict) -> None:
             nonlocal status, answer_headers
@@ -63,4 +68,53 @@ class InProcessApp:
                 chunks.append(message.get("body", b""))
 
         await self.app(scope, receive, send)
+        if status is None:
+            raise RuntimeError(f"the server app sent no answer to {method} {path}")
         return status, answer_headers, b"".join(chunks)
+
+
+async def lifespan(receive: Callable, send: Callable) -> None:
+    """An app with nothing to start or stop: acknowledge start-up and shut-down."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def header(scope: dict, name: str) -> Optional[str]:
+    """The value of request header ``name`` (any case), or None."""
+    wanted = name.lower().encode("latin-1")
+    for key, value in scope["headers"]:
+        if key.lower() == wanted:
+            return value.decode("latin-1")
+    return None
+
+
+async def read_body(scope: dict, receive: Callable, limit: int) -> bytes:
+    """The request body, refused (TooLarge) as soon as it declares or reaches more than ``limit`` bytes."""
+    declared = header(scope, "content-length")
+    if declared is not None and (not declared.strip().isdigit()):
+        raise WireError(f"bad Content-Length {declared[:40]!r}")
+    if declared is not None and int(declared) > limit:
+        raise TooLarge(f"the request has {int(declared)} bytes; this server accepts at most {limit} "
+                       "(medsam serve --max-upload-mb)")
+    body, more = bytearray(), True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise WireError("the client disconnected before the body was complete")
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+        if len(body) > limit:
+            raise TooLarge(f"the request is longer than the {limit} bytes this server accepts "
+                           "(medsam serve --max-upload-mb)")
+    return bytes(body)
+
+
+async def send_answer(send: Callable, status: int, headers: Headers, body: bytes) -> None:
+    """Send an answer (e.g. a replica's, unchanged) to the client."""
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-LOST = "lost"  # a placement's incarnation once its replica died: the session answers 410
+LOST = "lost"  # a placement's incarnation once its replica died: the session is lost (SessionLost)
 
 
 @dataclass
@@ -17,7 +17,7 @@ class ScaleOut:
     """How many replicas and what each holds; the rest of the server's settings are ``Settings``."""
 
     replicas: int = 2
-    num_cpus: float = 1.0  # per replica; also its torch threads
+    num_cpus: float = 1.0  # per replica; also its torch and ONNX Runtime threads (unless --threads)
     num_gpus: float = 0.0  # per replica: 1 gives each its own GPU where there are several
 
 
@@ -72,7 +72,7 @@ class Router:
             del self.sessions[session_id]
 
     def refusal(self, owner: str) -> Optional[str]:
-        """Why a new session of ``owner`` is refused (429), or None."""
+        """Why a new session of ``owner`` is refused (the ingress raises Busy), or None."""
         self.expire()
         if len(self.live()) >= self.max_sessions:
             return (f"the server holds its maximum of {self.max_sessions} sessions; delete one you no longer need "
