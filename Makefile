@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) bench/engine.py
 	$(PY) bench/annotate.py
 	$(PY) bench/server.py
+	$(PY) bench/slicer_panel.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check server MedSAMSlicer bench

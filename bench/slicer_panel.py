@@ -41,6 +41,7 @@ from MedSAMSlicerLib import client as medsam_client  # noqa: E402
 from MedSAMSlicerLib import geometry, keyframes, local_server, run  # noqa: E402
 
 POLL_MS = 100  # MedSAMSlicer.POLL_MS
+BAR = 1.2  # issue 11, point 5: a panel run may take at most 1.2 times the script's run
 KEYFRAMES = (12, 19, 26, 31)
 
 
@@ -131,12 +132,25 @@ def main() -> None:
                 times[name(ms, POLL_MS, "holds GIL" if hold else "frees GIL")].append(panel_run(client, job, ms, hold))
     finally:
         server.stop()
+    report(times, job, args.repeats)
+
+
+def verdict(ratio: float) -> str:
+    return f"at or below the bar of {BAR}" if ratio <= BAR else f"ABOVE the bar of {BAR}"
+
+
+def report(times: dict[str, list[float]], job: run.RunRequest, repeats: int) -> None:
     base = statistics.median(times["script"])
     print(f"run: upload CTChest4 {job.volume.array.shape} + annotate {len(KEYFRAMES)} keyframes, warm cache, "
-          f"{args.repeats} runs each, medians")
+          f"{repeats} runs each, medians; the bar (issue 11): panel / script <= {BAR}")
+    ratios = {}
     for label, values in times.items():
         median = statistics.median(values)
-        print(f"  {label:52s} {median:6.2f} s   ratio to script {median / base:5.2f}")
+        ratios[label] = median / base
+        mark = "" if label == "script" else f"  {verdict(ratios[label])}"
+        print(f"  {label:52s} {median:6.2f} s   ratio to script {ratios[label]:5.2f}{mark}")
+    worst = max((label for label in ratios if label != "script"), key=ratios.get)
+    print(f"worst panel / script ratio: {ratios[worst]:.2f} ({worst}): {verdict(ratios[worst])}")
 
 
 if __name__ == "__main__":
