@@ -25,7 +25,11 @@ and the model worker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
+from collections.abc import AsyncIterator
+from typing import Optional
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,6 +39,7 @@ from starlette.requests import ClientDisconnect
 
 from . import __version__, wire
 from .app import Server, Settings  # noqa: F401 - Settings: still imported from here by the Ray tests
+from .connections import BodyBudget, Charge
 from .errors import (
     Busy,
     Cancelled,
@@ -50,6 +55,7 @@ from .errors import (
     Unsupported,
     VersionMismatch,
     WireError,
+    capped,
 )
 from .jobs import Job
 from .protocol import (
@@ -112,24 +118,22 @@ def _message(error: BaseException) -> str:
     return str(error)
 
 
-#: An error repeats at most this much of what was wrong (a bad value may be megabytes long).
-MAX_ERROR_CHARS = 1000
-
-
 def error_response(error: BaseException) -> JSONResponse:
     status, code = status_for(error)
     if status == 500:
         message = f"internal error ({type(error).__name__}); the server log has the details"
     else:
-        message = _message(error)
-    if len(message) > MAX_ERROR_CHARS:
-        message = f"{message[:MAX_ERROR_CHARS]}... ({len(message)} characters in all)"
+        message = capped(_message(error))
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse({"error": message, "code": code}, status_code=status, headers=headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused (TooLarge) as soon as it is longer than ``limit`` bytes."""
+async def read_body(request: Request, limit: int, charge: Optional[Charge] = None) -> bytearray:
+    """The request body, refused (TooLarge) as soon as it is longer than ``limit`` bytes.
+
+    With a ``charge``, the body is charged to the server's :class:`BodyBudget` as it arrives (its
+    ``Content-Length`` before any of it is read), so a body that does not fit is refused unread.
+    """
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.strip().isdigit():
@@ -137,13 +141,27 @@ async def read_body(request: Request, limit: int) -> bytes:
         if int(declared) > limit:
             raise TooLarge(f"the request has {int(declared)} bytes; this server accepts at most {limit} "
                            "(medsam serve --max-upload-mb)")
+        if charge is not None:
+            charge.add(int(declared))
     body = bytearray()  # grown as data arrives (a Content-Length alone reserves nothing), never joined
     async for chunk in request.stream():
         if len(body) + len(chunk) > limit:
             raise TooLarge(f"the request is longer than the {limit} bytes this server accepts "
                            "(medsam serve --max-upload-mb)")
+        if charge is not None and len(body) + len(chunk) > charge.nbytes:  # chunked, or more than declared
+            charge.add(len(body) + len(chunk) - charge.nbytes)
         body += chunk
     return body
+
+
+@contextlib.asynccontextmanager
+async def charged_body(request: Request, limit: int, owner: str) -> AsyncIterator[bytearray]:
+    """``read_body`` with the body charged to the server's byte budget until the ``async with`` ends."""
+    charge = Charge(request.app.state.body_budget, owner)
+    try:
+        yield await read_body(request, limit, charge)
+    finally:
+        charge.release()
 
 
 async def unless_disconnected(request: Request, work):
@@ -180,9 +198,15 @@ async def read_json(server: Server, request: Request, limits: Limits) -> dict:
     return await server.run(wire.parse_json_object, body, "the request body")
 
 
+def body_budget(settings: Settings) -> BodyBudget:
+    """Request bodies held at once: the session memory cap (``max_sessions_gb``), half of it per token when
+    several tokens share the server (as their sessions' share)."""
+    total = int(settings.max_sessions_gb * 2**30)
+    return BodyBudget(total, total // 2 if len(settings.tokens) > 1 else total)
+
+
 def create_app(server: Server) -> FastAPI:
     """The FastAPI app of ``server`` (use ``app.build_app`` to make both from settings)."""
-    import contextlib
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -195,6 +219,7 @@ def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="MedSAM server", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.medsam = server
+    app.state.body_budget = body_budget(server.settings)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, err: StarletteHTTPException):  # routing: 404 no route, 405 wrong method
@@ -244,8 +269,9 @@ async def upload(request: Request, owner: str = Depends(caller)):
     server = _server(request)
     if media_type(request) != ENVELOPE_TYPE:
         raise Unsupported(f"an upload is a {ENVELOPE_TYPE} envelope, not {media_type(request)!r}")
-    body = await read_body(request, server.settings.limits.max_body_bytes)
-    session, key = await server.run(server.sessions.create, body, owner)
+    async with charged_body(request, server.settings.limits.max_body_bytes, owner) as body:
+        session, key = await server.run(server.sessions.create, body, owner)
+        del body  # the volume is decoded: its compressed bytes go before the charge does
     return {**session.describe(), "key": key}
 
 
@@ -298,12 +324,30 @@ async def annotate(session_id: str, request: Request, owner: str = Depends(calle
     server = _server(request)
     limits = server.settings.limits
     session = _session(request, session_id, owner)
-    if media_type(request) == ENVELOPE_TYPE:
-        body = await read_body(request, limits.max_body_bytes)
-        header, existing = await server.run(wire.decode, body, limits, LABEL_DTYPES, False)
-    else:
-        header, existing = await read_json(server, request, limits), None
-    return job_status_body(await server.run(server.sessions.start_annotate, session, header, existing))
+    if media_type(request) != ENVELOPE_TYPE:
+        header = await read_json(server, request, limits)
+        return job_status_body(await server.run(server.sessions.start_annotate, session, header, None))
+    async with charged_body(request, limits.max_body_bytes, owner) as body:  # with an existing labelmap
+        existing_bytes = await server.run(existing_size, body, limits, session.array.shape[:3])
+        charge = Charge(request.app.state.body_budget, owner)
+        charge.add(existing_bytes)  # the labelmap decoded, until the job holds it
+        try:
+            header, existing = await server.run(wire.decode, body, limits, LABEL_DTYPES, False)
+            del body
+            return job_status_body(await server.run(server.sessions.start_annotate, session, header, existing))
+        finally:
+            charge.release()
+
+
+def existing_size(body: bytes, limits: Limits, volume_shape: tuple) -> int:
+    """Bytes an annotate request's existing labelmap decodes to, read from its header; refused before decoding
+    unless it could be the session's volume's labelmap (its (k, j, i) shape, uint8 or uint16)."""
+    declared = wire.declared_bytes(body, limits, LABEL_DTYPES, False)
+    largest = math.prod(volume_shape) * 2
+    if declared > largest:
+        raise InputError(f"the existing labelmap declares {declared} bytes; a labelmap of the session's volume "
+                         f"{list(volume_shape)} (k, j, i) takes at most {largest} (uint16)")
+    return declared
 
 
 @router.get(ROUTE_JOB)

@@ -13,6 +13,10 @@ protocol with a guard around uvicorn's own (httptools or h11):
 - repeated log lines (an accept loop out of files logs one per attempt) are logged
   once per ``REPEAT_WINDOW_SECONDS`` with a count.
 
+:class:`BodyBudget` is the byte budget of request bodies held at once: each body is
+charged as it arrives (its declared ``Content-Length`` at once), so that many large
+uploads at a time are refused before the server has buffered them.
+
 :class:`LoopbackHostOnly` refuses requests whose ``Host`` is not this server's
 loopback address, so that a web page that rebinds its domain to 127.0.0.1 cannot use
 a server that has no token. Rates per client address, TLS and minimum upload speeds
@@ -28,6 +32,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional
+
+from .errors import Busy, TooLarge
 
 log = logging.getLogger("medsam_server")
 
@@ -145,6 +151,52 @@ def guarded_protocol(guard: ConnectionGuard) -> type:
             return receiving and now - self.last_data > limits.body_idle_seconds
 
     return GuardedHTTPProtocol
+
+
+class BodyBudget:
+    """Bytes of request bodies (and what they declare they decode to) held at once: by everyone, and per caller.
+
+    Used from the event loop only (no lock). :meth:`charge` refuses what does not fit: TooLarge (413)
+    past the caller's own share, Busy (429) when other callers' bodies fill the rest.
+    """
+
+    def __init__(self, total: int, per_owner: int):
+        self.total, self.per_owner = total, min(per_owner, total)
+        self.held: dict[str, int] = {}
+
+    def charge(self, owner: str, nbytes: int) -> None:
+        mine, everyone = self.held.get(owner, 0), sum(self.held.values())
+        if mine + nbytes > self.per_owner:
+            raise TooLarge(f"this request would make {_mib(mine + nbytes)} of your request data in flight at once; "
+                           f"the server takes at most {_mib(self.per_owner)} per token at once")
+        if everyone + nbytes > self.total:
+            raise Busy(f"the server is receiving {_mib(everyone)} of request data and takes at most "
+                       f"{_mib(self.total)} at once; try again when uploads under way have ended")
+        self.held[owner] = mine + nbytes
+
+    def release(self, owner: str, nbytes: int) -> None:
+        left = self.held.pop(owner, 0) - nbytes
+        if left > 0:
+            self.held[owner] = left
+
+
+class Charge:
+    """What one request has charged to a :class:`BodyBudget`; :meth:`release` gives it all back."""
+
+    def __init__(self, budget: BodyBudget, owner: str):
+        self.budget, self.owner, self.nbytes = budget, owner, 0
+
+    def add(self, nbytes: int) -> None:
+        self.budget.charge(self.owner, nbytes)
+        self.nbytes += nbytes
+
+    def release(self) -> None:
+        self.budget.release(self.owner, self.nbytes)
+        self.nbytes = 0
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"
 
 
 class RepeatFilter(logging.Filter):

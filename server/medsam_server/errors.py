@@ -15,6 +15,17 @@ def shown(value) -> str:
     return _SHORT.repr(value)
 
 
+#: An error message repeats at most this much of what was wrong (a bad value may be megabytes long).
+MAX_ERROR_CHARS = 1000
+
+
+def capped(message: str) -> str:
+    """``message`` cut to :data:`MAX_ERROR_CHARS`, saying how long it was: what a request or a job answers."""
+    if len(message) <= MAX_ERROR_CHARS:
+        return message
+    return f"{message[:MAX_ERROR_CHARS]}... ({len(message)} characters in all)"
+
+
 class InputError(ValueError):
     """Bad input: the message names what was wrong and, where it helps, where."""
 

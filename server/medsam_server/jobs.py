@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .errors import Busy, Cancelled, InputError, UnknownJob, WireError
+from .errors import Busy, Cancelled, InputError, UnknownJob, WireError, capped
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +101,12 @@ class Job:
                     self._waiters.remove((loop, future))
 
     def error_message(self) -> Optional[str]:
+        """What went wrong, capped like a request's error (a job's error may quote a huge value too)."""
         if self.error is None:
             return None
         if isinstance(self.error, USER_ERRORS):
-            return str(self.error)
-        return f"internal error ({type(self.error).__name__}): {self.error}"
+            return capped(str(self.error))
+        return capped(f"internal error ({type(self.error).__name__}): {self.error}")
 
     def status(self) -> dict:
         with self.lock:
