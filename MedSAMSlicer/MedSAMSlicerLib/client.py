@@ -27,8 +27,10 @@ half a result, and any failure after its job was created cancels that job on the
 
 Timeouts: every connection gets ``CONNECT_TIMEOUT`` s to open; control calls (health, info,
 session, delete, cancel, job status) ``CONTROL_TIMEOUT`` s to answer, a long poll its wait +
-``CONTROL_TIMEOUT``, an upload ``UPLOAD_BASE_TIMEOUT`` + its size at ``UPLOAD_MIN_RATE``, and the
-calls that wait for the model (segment, annotate's result) the client's ``timeout``.
+``CONTROL_TIMEOUT``, an upload ``UPLOAD_BASE_TIMEOUT`` + its size at ``UPLOAD_MIN_RATE``, a segment
+``SEGMENT_BASE_TIMEOUT`` + ``SEGMENT_SLICE_TIMEOUT`` per slice it names (each may wait for the encoder),
+at most the client's ``timeout``, and an annotate job's finished result ``RESULT_TIMEOUT``. A read
+timeout is the longest silence allowed, so a large answer that keeps arriving never times out.
 
 The binary envelope is coded here a second time (``medsam_server.wire`` is the
 reference; Slicer has no ``medsam_server``); the server's tests check both ways. Routes and
@@ -72,6 +74,9 @@ CONTROL_TIMEOUT = 10.0  # seconds a control call (no model work) may take to ans
 CANCEL_TIMEOUT = 5.0  # a cancel, often sent on an error path, must not hold up the error
 UPLOAD_BASE_TIMEOUT = 30.0
 UPLOAD_MIN_RATE = 5 << 20  # bytes/s an upload is allowed at the slowest, on top of the base
+SEGMENT_BASE_TIMEOUT = 30.0  # a segment on cached slices answers in milliseconds; this covers a busy queue
+SEGMENT_SLICE_TIMEOUT = 15.0  # per slice a segment names: one encoder run (MedSAM ViT-B on a CPU: seconds)
+RESULT_TIMEOUT = 30.0  # an annotate job's result is ready when it is fetched: no model work left
 
 
 class MedSAMClientError(RuntimeError):
@@ -212,10 +217,10 @@ def wire_array(array: np.ndarray) -> np.ndarray:
 class MedSAMClient:
     """Talks to one server. Thread-safe: one client may serve a UI thread and a worker thread.
 
-    ``timeout`` is per request (a ``segment`` on an uncached slice waits for the
-    encoder); ``retries`` reconnect attempts, with doubling ``backoff`` seconds, are
-    made while the connection is *refused* (a server that is starting); a request
-    that was sent is never repeated.
+    ``timeout`` caps how long a ``segment`` may wait (on uncached slices it waits for
+    the encoder; see ``segment_timeout``); ``retries`` reconnect attempts, with doubling
+    ``backoff`` seconds, are made while the connection is *refused* (a server that is
+    starting); a request that was sent is never repeated.
     """
 
     def __init__(self, url: str = DEFAULT_URL, token: str | None = None, timeout: float = 300.0,
@@ -383,8 +388,9 @@ class MedSAMClient:
         request = {"axis": axis, "window": _window(window), "boxes": [_plain(b) for b in boxes]}
         if orientation is not None:  # None: the server's default, as annotate uses it
             request["orientation"] = orientation
+        timeout = self.segment_timeout(len({str(b.get("slice")) for b in request["boxes"] if isinstance(b, dict)}))
         _, _, body = self._request("POST", _path(protocol.ROUTE_SEGMENT, session), _dumps(request), protocol.JSON_TYPE,
-                                   session=session, what="the segment request")
+                                   session=session, what="the segment request", timeout=timeout)
         header, masks = self._decode(body, ("uint8",))
         return Masks({int(s): masks[n].astype(bool) for n, s in enumerate(header["slices"])}, header.get("notes", []))
 
@@ -440,7 +446,7 @@ class MedSAMClient:
             except ServerNotRunning as err:
                 raise ServerNotRunning(f"{err} The annotation was not finished; nothing was applied.") from None
             _, _, result = self._request("GET", _path(protocol.ROUTE_JOB_RESULT, session, job), session=session,
-                                         what="the annotate result")
+                                         what="the annotate result", timeout=RESULT_TIMEOUT)
             header, labels = self._decode(result, LABEL_DTYPES)
         except Cancelled:
             raise  # wait() has cancelled the job already, or the server did
@@ -454,6 +460,10 @@ class MedSAMClient:
         return (offset[0], offset[1], offset[2]), labels, summary
 
     # -------------------------------------------------------------- HTTP
+
+    def segment_timeout(self, slices: int) -> float:
+        """Seconds a segment naming ``slices`` slices may wait for its answer: each may need the encoder."""
+        return min(self.timeout, SEGMENT_BASE_TIMEOUT + SEGMENT_SLICE_TIMEOUT * max(1, slices))
 
     def _limits(self) -> dict:
         with self._lock:
