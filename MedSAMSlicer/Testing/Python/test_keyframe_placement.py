@@ -179,30 +179,70 @@ def test_keyframes_follow_their_segment_through_rename_and_scene_import(scene):
     other.Clear(1)
 
 
-def test_observer_follows_moved_points_while_started(scene):
-    calls = []
-    observer = keyframes.KeyframeObserver(scene, lambda: calls.append(1))
-    old = scene.AddNewNodeByClass("vtkMRMLMarkupsLineNode", "old")
-    old.AddControlPointWorld(vtk.vtkVector3d(0, 0, 0))
-    old.AddControlPointWorld(vtk.vtkVector3d(5, 0, 0))
+def _markups(scene) -> tuple[list, list]:
+    found = []
+    for class_name in ("vtkMRMLMarkupsROINode", "vtkMRMLMarkupsLineNode"):
+        collection = scene.GetNodesByClass(class_name)
+        found.append([collection.GetItemAsObject(n) for n in range(collection.GetNumberOfItems())])
+    return found[0], found[1]
+
+
+def test_the_keyframe_table_follows_moved_points_while_observed(scene, views):
+    """The panel rebuilds its keyframe table when the observer calls; here the table is rebuilt the same way
+    (``table_rows`` over the scene's markups), so each step asserts what the user would see in it."""
+    volume_node = _volume(scene)
+    volume = geometry.volume_array(volume_node, copy=False)
+    box = draw_box(scene, views, "Red", *_corners(volume_node, 2, 9, (10, 12, 40, 41)), name="box")
+    keyframes.finish_placement(box, volume)  # snapped onto slice 9
+    line = scene.AddNewNodeByClass("vtkMRMLMarkupsLineNode", "axis")
+    for ijk in ((20, 30, 4), (50, 30, 4)):
+        _click(views, "Red", line, ijk_to_ras_point(volume_node, ijk))
+    table = []
+
+    def refresh():
+        table[:] = [(row.node.GetName(), row.slice, row.prompt, row.problem)
+                    for row in keyframes.table_rows(volume, *_markups(scene))]
+
+    observer = keyframes.KeyframeObserver(scene, refresh)
     observer.start()
-    assert calls == []
-    old.SetNthControlPointPositionWorld(1, 7.0, 0.0, 0.0)  # a dragged end
-    assert len(calls) >= 1
-    calls.clear()
-    new = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "new")
-    assert calls, "an added markup is a change"
-    calls.clear()
-    new.AddControlPointWorld(vtk.vtkVector3d(1, 2, 3))
-    assert calls, "the added markup's points are followed too"
-    calls.clear()
-    scene.RemoveNode(new)
-    assert calls
+    assert table == []  # nothing has changed yet
+    slice_step = ijk_to_ras_point(volume_node, (0, 0, 1)) - ijk_to_ras_point(volume_node, (0, 0, 0))
+    centre = np.array(box.GetCenterWorld())
+    box.SetNthControlPointPositionWorld(0, *(centre + 6 * slice_step))  # the box dragged from slice 9 to 15
+    assert table == [("axis", 4, "line", ""), ("box", 15, "box 10 12 - 40 41", "")]
+
+    line.SetNthControlPointPositionWorld(1, *ijk_to_ras_point(volume_node, (50, 30, 6)))  # one end dragged away
+    assert table[0] == ("box", 15, "box 10 12 - 40 41", "") and table[1][:3] == ("axis", None, "")
+    assert "line 'axis' crosses slices 4.0 to 6.0" in table[1][3]
+    line.SetNthControlPointPositionWorld(0, *ijk_to_ras_point(volume_node, (20, 30, 6)))  # and the other
+    assert table == [("axis", 6, "line", ""), ("box", 15, "box 10 12 - 40 41", "")]
+
+    added = draw_box(scene, views, "Red", *_corners(volume_node, 2, 20, (5, 5, 25, 25)), name="added")
+    assert table[-1] == ("added", 20, "box 5 5 - 25 25", "")  # an added markup's points are followed too
+    scene.RemoveNode(added)
+    assert [row[0] for row in table] == ["axis", "box"]
+
     observer.stop()
-    calls.clear()
-    old.SetNthControlPointPositionWorld(1, 9.0, 0.0, 0.0)
-    scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "unseen")
-    assert calls == [] and not observer.started
+    before = list(table)
+    box.SetNthControlPointPositionWorld(0, *centre)
+    draw_box(scene, views, "Red", *_corners(volume_node, 2, 2, (5, 5, 25, 25)), name="unseen")
+    assert table == before and not observer.started
+
+
+def test_a_line_with_both_ends_on_one_point_is_no_keyframe(scene, views):
+    volume_node = _volume(scene)
+    volume = geometry.volume_array(volume_node, copy=False)
+    line = scene.AddNewNodeByClass("vtkMRMLMarkupsLineNode", "dot")
+    point = ijk_to_ras_point(volume_node, (30, 30, 9))
+    _click(views, "Red", line, point)
+    _click(views, "Red", line, point)  # a double click: both ends on one spot
+    assert line.GetNumberOfDefinedControlPoints() == 2
+    assert keyframes.table_rows(volume, [], [line])[0].problem == "line 'dot' has both ends on one point"
+    with pytest.raises(errors.InputError, match="line 'dot' has both ends on one point"):
+        keyframes.line_keyframe(line, volume, 2)
+    keyframe, status = keyframes.finish_placement(line, volume)
+    assert keyframe is None and status == "Line 'dot' has both ends on one point; it was removed."
+    assert line.GetScene() is None and scene.GetFirstNodeByName("dot") is None
 
 
 def test_the_keyframe_table_reads_markups_as_the_run_will_and_says_what_is_wrong(scene, views):
