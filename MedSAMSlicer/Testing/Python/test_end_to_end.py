@@ -13,19 +13,16 @@ import time
 import numpy as np
 import pytest
 
-from conftest import MODULE_DIR
+from conftest import REPO_DIR
 from mrml_fixtures import add_roi, add_segmentation, ijk_to_ras_point
 
 slicer = pytest.importorskip("slicer")
-if not os.path.exists(os.path.join(MODULE_DIR, "MedSAMSlicerLib", "client.py")):
-    pytest.skip("MedSAMSlicerLib/client.py does not exist yet (the HTTP client is written in its own issue)",
-                allow_module_level=True)
 pytest.importorskip("medsam_server")
 import vtk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
 from MedSAMSlicerLib import client as medsam_client  # noqa: E402
-from MedSAMSlicerLib import geometry, keyframes, local_server, run, segments  # noqa: E402
+from MedSAMSlicerLib import geometry, install, keyframes, local_server, protocol, run, segments  # noqa: E402
 
 KEYFRAMES = (12, 17, 22, 27, 31)  # right lung of CTChest4 spans slices 7..33
 
@@ -44,8 +41,12 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_info_reports_the_server(server):
     local, client = server
-    info = client.info()
-    assert info  # versions and model, for the panel's "Test connection"
+    info = client.check_compatible()  # what the panel's "Test connection" asks
+    assert info["api_version"] == protocol.API_VERSION
+    assert info["version"] == install.source_version(os.path.join(REPO_DIR, "server"))
+    assert (info["model"], info["device"]) == ("litemedsam", "cpu")  # as the fixture started it
+    assert info["auth"] is True  # the local server has its random token
+    assert info["limits"]["max_body_bytes"] > 0
 
 
 @pytest.mark.slow

@@ -33,11 +33,11 @@ def test_a_new_segment_with_a_known_name_carries_its_terminology(scene):
     unnamed = node.GetSegmentation().GetSegment(segments.add_segment(node))
     assert segments.GENERIC_TERMINOLOGY_TYPE in _tag(unnamed)  # Slicer's default stays for an unknown name
     unnamed.SetName("liver")  # renamed later: tagged when a run writes it (apply_labels calls this)
-    assert segments.tag_terminology(unnamed)
-    assert "^10200004^Liver~" in _tag(unnamed)
+    assert segments.tag_terminology(unnamed) is True
+    assert _tag(unnamed) == terminology.terminology_for("liver") and "^10200004^Liver~" in _tag(unnamed)
     chosen = "Segmentation category and type - DICOM master list~SCT^85756007^Tissue~SCT^39607008^Lung~^^~x~^^~^^"
     unnamed.SetTag("TerminologyEntry", chosen)  # the user's own choice is never replaced
-    assert not segments.tag_terminology(unnamed)
+    assert segments.tag_terminology(unnamed) is False
     assert _tag(unnamed) == chosen
 
 
