@@ -94,6 +94,8 @@ def installTorch() -> None:
 
     Runs on the main thread and cannot be interrupted; PyTorchUtils imports torch into Slicer once installed.
     """
+    if install.torch_installed():  # the self-test calls it directly; the panel's steps skip it already
+        return
     try:
         import PyTorchUtils
     except ModuleNotFoundError:
