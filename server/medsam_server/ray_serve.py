@@ -345,6 +345,12 @@ def build(args: dict[str, Any]) -> serve.Application:
     return application(settings, scale)
 
 
+def _stop_on_signals(stop: threading.Event, blocking: bool) -> None:
+    if blocking:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+
+
 def run(settings, scale: ScaleOut, address: Optional[str] = None, blocking: bool = True,
         watch_pid: Optional[int] = None) -> None:
     """Start a local Ray cluster (or join one at ``address``) and serve the app on settings.host:port.
@@ -353,16 +359,15 @@ def run(settings, scale: ScaleOut, address: Optional[str] = None, blocking: bool
     where there are fewer GPUs than replicas); Ray hands each replica its GPU as cuda:0. ``blocking``:
     serve until SIGTERM, SIGINT or the end of process ``watch_pid``, then stop what this call started (the
     local cluster, all its processes, as ``ray stop`` would; on a joined cluster, only this application)."""
-    stop = threading.Event()  # set by SIGTERM/SIGINT from the start: a signal during start-up stops cleanly too
-    if blocking:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: stop.set())
+    stop = threading.Event()  # set by SIGTERM/SIGINT: a signal during start-up stops cleanly too
+    _stop_on_signals(stop, blocking)
     if not ray.is_initialized():
         if address:
             ray.init(address=address)
         else:  # no dashboard: it accepts jobs from whoever reaches its port
             cores = os.cpu_count() or 1
             ray.init(include_dashboard=False, num_cpus=max(cores, math.ceil(scale.replicas * scale.num_cpus)))
+    _stop_on_signals(stop, blocking)  # again: ray.init installs its own SIGTERM handler (it aborts the driver)
     gpus = ray.cluster_resources().get("GPU", 0)
     if not scale.num_gpus and gpus and settings.device in ("auto", "cuda"):
         scale = dataclasses.replace(scale, num_gpus=min(1.0, gpus / scale.replicas))
