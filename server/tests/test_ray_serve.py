@@ -2,11 +2,14 @@
 
 One cluster for the module (starting Ray and two replicas costs about a minute on the shared 2-core
 machine); a single-process server with the same settings runs beside it for the "same answers" checks.
+Both sides name the backend (torch, one thread: the same kernels, so the same bits), not ``auto``, which
+would give the replicas ONNX Runtime and the single process the torch model it is handed.
 Model work is kept to a few 128x128 axial slices of slicerio's CTChest4.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,12 +31,14 @@ client_module = load_client_module()
 ALICE, BOB, CAROL = "alice-" + "a" * 26, "bob-" + "b" * 28, "carol-" + "c" * 26
 WINDOW = "ct-lung"
 SLICES = slice(19, 21)  # two axial slices with both lungs
+SLICES_RANGE = range(SLICES.start, SLICES.stop)
 MAX_SESSIONS, PER_TOKEN = 3, 2
+BACKEND = "torch"  # explicit on both sides: the single process is handed conftest's torch model
 
 
 def settings() -> Settings:
-    return Settings(tokens=(ALICE, BOB, CAROL), device="cpu", max_upload_mb=1, max_sessions=MAX_SESSIONS,
-                    max_sessions_per_token=PER_TOKEN)
+    return Settings(tokens=(ALICE, BOB, CAROL), device="cpu", backend=BACKEND, max_upload_mb=1,
+                    max_sessions=MAX_SESSIONS, max_sessions_per_token=PER_TOKEN)
 
 
 class Recording(client_module.MedSAMClient):
@@ -54,18 +59,20 @@ def cluster():
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False,
              configure_logging=False)
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(application(settings(), ScaleOut(replicas=2)), name=APP_NAME,
-              route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(application(settings(), ScaleOut(replicas=2)), name=APP_NAME, route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:  # also when the deployment fails: no Ray process of this test outlives it
+        serve.shutdown()
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
 def single(litemedsam):
     import torch
 
+    assert litemedsam.backend == BACKEND
     previous = torch.get_num_threads()
     torch.set_num_threads(1)  # as each replica (one CPU each): the same kernels, so the same bits
     with running_server(settings(), model=litemedsam) as (url, _):
@@ -126,10 +133,13 @@ def test_each_session_stays_on_its_replica_and_answers_bit_identically_to_one_pr
     alice, bob = Recording(cluster, token=ALICE), Recording(cluster, token=BOB)
     with ThreadPoolExecutor(2) as pool:  # at once: an upload under way counts for the replica it goes to
         sessions = list(pool.map(lambda client: client.upload_volume(sub, direction=direction), (alice, bob)))
+    expected = envelopes(alone)
+    assert len(expected) == len(boxes) + 2  # a mask per segment call and the annotation's labelmap
+    assert [np.frombuffer(array, np.uint8).any() for _, _, array in expected] == [True] * len(expected)
     for client, session in zip((alice, bob), sessions):
         reader_script(client, session, boxes)
-        assert envelopes(client) == envelopes(alone)  # masks and labelmap, bit for bit
-        assert len(envelopes(client)) == len(boxes) + 2
+        assert envelopes(client) == expected  # headers and the arrays' bytes: masks and labelmap, bit for bit
+    assert {info(url)["backend"] for url in (single, cluster)} == {BACKEND}
 
     # Affinity: every request of a session reached one replica; the two new sessions went to different ones.
     # (The annotate summaries above carry the cache's hits and misses: the same as in one process.)
@@ -139,9 +149,27 @@ def test_each_session_stays_on_its_replica_and_answers_bit_identically_to_one_pr
         assert [r["sessions"] for r in status["replicas"]] == [int(replica_of(client, session) == i) for i in (0, 1)]
         assert status["sessions"] == 1 and all(r["alive"] for r in status["replicas"])
         assert status["cache"]["budget_bytes"] == sum(r["cache"]["budget_bytes"] for r in status["replicas"])
+    check_load_figures(info(cluster, ALICE), sessions, bob)
     alice.delete(sessions[0])
     bob.delete(sessions[1])
     assert info(cluster)["sessions"] == 0
+
+
+def check_load_figures(status: dict, sessions, other) -> None:
+    """Alice's /info: each replica's aggregate load (everyone's sessions, cache bytes, hits and misses, one
+    thread each), and nothing of Bob's session (its id, its owner, its shape)."""
+    loads = [r["load"] for r in status["replicas"]]
+    assert [load["sessions"] for load in loads] == [1, 1]  # alice's and bob's, one on each replica
+    assert [load["threads"] for load in loads] == [1, 1]  # num_cpus 1 each: torch and ONNX Runtime threads
+    for load in loads:  # each replica encoded its session's slices once, and reused them
+        assert load["encoded_slices"] == len(SLICES_RANGE) and load["cache_bytes"] > 0
+        assert load["cache_misses"] >= 1 and load["cache_hits"] >= 1
+    assert status["load"]["sessions"] == 2 and status["load"]["cache_bytes"] == sum(x["cache_bytes"] for x in loads)
+    assert set(loads[0]) == {"sessions", "cache_bytes", "cache_hits", "cache_misses", "encoded_slices", "queued",
+                             "threads"}
+    text = json.dumps(status)
+    assert [secret for secret in (sessions[1].id, sessions[1].key, sessions[1].digest, BOB) if secret in text] == []
+    assert other.session_info(sessions[1])["session"] == sessions[1].id  # bob's session is there all the same
 
 
 def test_tokens_and_limits_hold_across_replicas(cluster, scan):
