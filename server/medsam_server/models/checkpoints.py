@@ -9,11 +9,12 @@ import sys
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def cache_dir() -> Path:
@@ -109,6 +110,8 @@ def load_state_dict(path: Path, module: nn.Module, what: str) -> dict:
     Accepts a bare state dict or one wrapped under ``model`` / ``state_dict``.
     Raises InputError naming the file and the first mismatches.
     """
+    import torch  # here: the cache folder and digests above serve the torch-free ONNX path too
+
     path = Path(path)
     if not path.is_file():
         raise InputError(f"checkpoint {path} does not exist")

