@@ -38,6 +38,7 @@ from MedSAMSlicerLib import (
     local_server,
     protocol,
     reference,
+    review,
     run,
     segments,
     timing,
@@ -146,6 +147,8 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._placing = None  # (markups node, kind) while the user draws a keyframe
         self._shortcut = None
         self._keyframeObserver = None
+        self._lastRun = None  # (request, result) of the last run written: the threshold moves over it
+        self._review = None  # review.ReviewState of that run
 
     # ---------------------------------------------------------------- set-up and teardown
 
@@ -188,6 +191,11 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.segmentButton.connect("clicked()", self.onSegment)
         ui.cancelButton.connect("clicked()", self.onCancel)
         ui.refineButton.connect("clicked()", self.onRefine)
+        for name in run.QUALITIES:
+            ui.qualityComboBox.addItem(name.capitalize(), name)
+        ui.reviewTable.connect("cellClicked(int,int)", lambda row, column: self.onReviewRowClicked(row))
+        ui.thresholdSlider.connect("valueChanged(double)", self.onThresholdChanged)
+        ui.reboxButton.connect("clicked()", lambda: self.onSegment(rebox=True))
         ui.localServerRadioButton.connect("toggled(bool)", self.onServerModeChanged)
         ui.serverUrlLineEdit.connect("editingFinished()", self._saveServerSettings)
         ui.serverTokenLineEdit.connect("editingFinished()", self._saveServerSettings)
@@ -593,7 +601,8 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---------------------------------------------------------------- segment
 
-    def onSegment(self):
+    def onSegment(self, rebox: bool = False):
+        """Segment (a whole run), or with ``rebox`` the slice the red view shows alone (its keyframe box)."""
         if self._busy is not None:
             return
         try:
@@ -612,6 +621,9 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             request = run.prepare_run(volumeNode, segmentationNode, segmentId, window=self._window())
             key = (where, volumeNode.GetID(), volumeNode.GetImageData().GetMTime(), self._model())
             session = self._session[1] if self._session is not None and self._session[0] == key else None
+            onlySlice = run.rebox_target(request, geometry.view_slice(self._redSliceNode(), volumeNode,
+                                                                      request.axis)) if rebox else None
+            quality = self.ui.qualityComboBox.currentData or run.QUALITIES[0]
             cancel = threading.Event()
             self._progress = ("starting", 0, 0)  # (phase, done, total)
 
@@ -620,11 +632,16 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if session is None:
                     client.check_compatible()
                     self._onProgress(0, 0, "uploading")
+                if onlySlice is not None:
+                    return run.rebox_slice(client, request, onlySlice, session, self._onProgress, cancel,
+                                           run.quality_options(quality, single_slice=True))
                 # a session the server dropped or lost is uploaded again by execute_run
-                return run.execute_run(client, request, session=session, progress=self._onProgress, cancel=cancel)
+                return run.execute_run(client, request, session=session, progress=self._onProgress, cancel=cancel,
+                                       options=run.quality_options(quality))
 
             self._recordInference(begin=True, request=request)
-            self._startBackground("run", work, lambda future: self._onRunFinished(future, request, key), cancel)
+            self._startBackground("run", work, lambda future: self._onRunFinished(future, request, key, onlySlice),
+                                  cancel)
             self.ui.statusLabel.text = "Segmenting " + (f"(locked slices {request.locked_slices})..."
                                                         if request.locked_slices else "...")
             for note in request.notes:
@@ -670,7 +687,7 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updateButtons()
             callback(future)
 
-    def _onRunFinished(self, future, request, key):
+    def _onRunFinished(self, future, request, key, onlySlice=None):
         error = future.exception()
         if isinstance(error, medsam_client.Cancelled):
             self.ui.statusLabel.text = "Cancelled: nothing was written."
@@ -708,12 +725,96 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = (f"Done in {result.seconds:.1f} s: {len(applied.changed_slices)} slice(s) "
                                     f"changed{locked}. Undo in the Segment Editor if needed.")
         segmentationNode.CreateDefaultDisplayNodes()
+        self._lastRun = (request, result)
+        if onlySlice is None:  # a new run starts at the server's threshold
+            self.ui.thresholdSlider.blockSignals(True)
+            self.ui.thresholdSlider.value = run.DEFAULT_THRESHOLD
+            self.ui.thresholdSlider.blockSignals(False)
+        self._review = review.state_after_run(self._review, request.segment_id, request.axis, result.summary, onlySlice)
+        self._showReview()
 
     def onRefine(self):
         with slicer.util.tryWithErrorDisplay("Could not open the Segment Editor."):
             volumeNode, segmentationNode, segmentId = self._inputs()
             slicer.util.selectModule("SegmentEditor")
             showInSegmentEditor(volumeNode, segmentationNode, segmentId)
+
+    # ---------------------------------------------------------------- review and refine (decisions in the Lib)
+
+    def _redSliceNode(self):
+        return slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
+
+    def _lastRunNodes(self):
+        request = self._lastRun[0]
+        volumeNode = slicer.mrmlScene.GetNodeByID(request.volume_node_id)
+        segmentationNode = slicer.mrmlScene.GetNodeByID(request.segmentation_node_id)
+        if volumeNode is None or segmentationNode is None:
+            raise ValueError("The volume or the segmentation of the last run was deleted; run Segment again.")
+        return volumeNode, segmentationNode
+
+    def _showReview(self):
+        """The review list: least confident first; slices looked at or edited by hand are marked reviewed."""
+        table = self.ui.reviewTable
+        table.setRowCount(0)
+        state = self._review
+        if state is not None and self._lastRun is not None:
+            with slicer.util.tryWithErrorDisplay("Could not read the segment's hand edits."):
+                volumeNode, segmentationNode = self._lastRunNodes()
+                state.mark_edited(segmentationNode, volumeNode)
+        for row in state.rows if state is not None else ():
+            position = table.rowCount
+            table.insertRow(position)
+            texts = (str(row.slice) + (" (keyframe)" if row.keyframe else ""), f"{row.confidence:.2f}",
+                     "yes" if state.is_reviewed(row.slice) else "")
+            for column, text in enumerate(texts):
+                item = qt.QTableWidgetItem(text)
+                item.setData(qt.Qt.UserRole, row.slice)
+                table.setItem(position, column, item)
+        done, total = state.progress if state is not None else (0, 0)
+        self.ui.reviewProgressLabel.text = f"{done} of {total} slices reviewed" if total else ""
+        self._updateButtons()
+
+    def onReviewRowClicked(self, row):
+        item = self.ui.reviewTable.item(row, 0)
+        if item is None or self._review is None or self._lastRun is None:
+            return
+        with slicer.util.tryWithErrorDisplay("Could not show the slice."):
+            index = int(item.data(qt.Qt.UserRole))
+            volumeNode, _ = self._lastRunNodes()
+            geometry.jump_to_slice(slicer.util.getNodesByClass("vtkMRMLSliceNode"), volumeNode, self._review.axis,
+                                   index)
+            self._review.mark_reviewed([index])
+        self._showReview()
+
+    def onThresholdChanged(self, value):
+        """Move the segment's threshold (or, with "current slice only", the red view's slice's) over the last
+        run: no model call, one undo step."""
+        if self._lastRun is None or self._busy is not None:
+            return
+        request, result = self._lastRun
+        with slicer.util.tryWithErrorDisplay("Could not move the threshold.", waitCursor=True):
+            volumeNode, segmentationNode = self._lastRunNodes()
+            threshold, slices = float(value), None
+            if self.ui.sliceThresholdCheckBox.checked:
+                index = geometry.view_slice(self._redSliceNode(), volumeNode, request.axis)
+                if index is None:
+                    raise ValueError("Show one slice of the run in the red view to threshold it alone.")
+                threshold, slices = None, {index: float(value)}
+            _, connect = self._connector()
+            client = connect(threading.Event())
+            label = int(request.document["segments"][0]["label"])
+
+            def saveUndoState():
+                editor = showInSegmentEditor(volumeNode, segmentationNode, request.segment_id)
+                if editor is not None:
+                    editor.saveStateForUndo()
+
+            applied, header = run.apply_threshold(client, result.session, volumeNode, segmentationNode,
+                                                  request.segment_id, label, threshold, slices, saveUndoState)
+            if self._review is not None and header.get("review"):
+                self._review.rerank(header["review"])
+            self.ui.statusLabel.text = f"Threshold {value:.2f}: {len(applied.changed_slices)} slice(s) changed."
+        self._showReview()
 
     def _updateButtons(self):
         ui = self.ui
@@ -728,6 +829,9 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         selected = bool(ui.keyframeTable.selectedItems())
         ui.jumpToKeyframeButton.enabled = selected
         ui.deleteKeyframeButton.enabled = selected and not busy
+        ui.reboxButton.enabled = haveVolume and haveKeyframes and not busy
+        ui.thresholdSlider.enabled = self._lastRun is not None and not busy
+        ui.sliceThresholdCheckBox.enabled = self._lastRun is not None and not busy
         # the server controls stay put while an install, a probe or a run uses them
         ui.testConnectionButton.enabled = not busy
         ui.modelComboBox.enabled = not busy

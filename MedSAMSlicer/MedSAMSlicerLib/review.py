@@ -88,3 +88,18 @@ class ReviewState:
         """(slices reviewed, slices listed)."""
         listed = {row.slice for row in self.rows}
         return len(self.reviewed & listed), len(listed)
+
+
+def state_after_run(previous: ReviewState | None, segment_id: str, axis: int, summary: Any,
+                    only_slice: int | None = None) -> ReviewState:
+    """The review list once a run is written: a new list for a run of the segment; after a re-box of one slice
+    (``only_slice``) of the listed segment, its new ranking with the marks kept and that slice reviewed."""
+    if only_slice is None or previous is None or (previous.segment_id, previous.axis) != (segment_id, int(axis)):
+        state = ReviewState.from_summary(segment_id, axis, summary)
+    else:
+        state = previous
+        if isinstance(summary, dict) and summary.get("review"):
+            state.rerank(summary["review"])
+    if only_slice is not None:
+        state.mark_reviewed([only_slice])  # the user drew its box
+    return state

@@ -135,6 +135,7 @@ def apply_run(request: RunRequest, result: RunResult, volume_node, segmentation_
 #: of CTChest4 and the MR brain, the views the spine; about twice the time).
 QUALITY_OPTIONS = {"fast": {}, "best": {"box_margin": 0.1, "views": True}}
 QUALITIES = tuple(QUALITY_OPTIONS)
+DEFAULT_THRESHOLD = 0.5  # the probability threshold a run starts with (the server's protocol.MASK_THRESHOLD)
 
 
 def quality_options(quality: str, single_slice: bool = False) -> dict:
@@ -154,14 +155,23 @@ def keyframe_slices(request: RunRequest) -> list[int]:
     return sorted({int(k["slice"]) for k in segment.get("boxes", []) + segment.get("lines", [])})
 
 
+def rebox_target(request: RunRequest, shown_slice: int | None) -> int:
+    """The slice "Re-box this slice" decodes: the one the view shows (``geometry.view_slice``), which needs a
+    keyframe of its own (a box drawn on it, or a keyframe whose corner moved). InputError says what to do."""
+    if shown_slice is None:
+        raise InputError("show the slice to re-box in the red view, in the orientation the keyframes were drawn in")
+    if int(shown_slice) not in keyframe_slices(request):
+        raise InputError(f"slice {shown_slice} has no keyframe: draw a box on it (Add box) or move a keyframe's "
+                         "corner there, then re-box")
+    return int(shown_slice)
+
+
 def rebox_slice(client, request: RunRequest, slice_: int, session: Any = None, progress: Callable | None = None,
                 cancel: Any = None, options: dict | None = None) -> RunResult:
     """Decode slice ``slice_`` alone from its keyframe box in ``request`` (re-box one slice); no propagation.
-    ``apply_run`` then writes that slice only, as one undo step. The slice needs a keyframe of its own (a box
-    drawn on it, or a keyframe whose corner moved): that keyframe is what the next Segment keeps."""
-    if int(slice_) not in keyframe_slices(request):
-        raise InputError(f"slice {slice_} has no keyframe: draw a box on it (Add box) or move a keyframe's corner "
-                         "there, then re-box")
+    ``apply_run`` then writes that slice only, as one undo step. The slice needs a keyframe of its own
+    (``rebox_target``): that keyframe is what the next Segment keeps."""
+    rebox_target(request, slice_)
     chosen = {**(options or {}), "only_slice": int(slice_), "propagate": 0}
     return execute_run(client, request, session, progress, cancel, chosen)
 

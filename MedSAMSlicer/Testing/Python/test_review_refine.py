@@ -122,9 +122,36 @@ def test_review_state_marks_slices_and_keeps_them_over_a_new_ranking():
     assert review.ReviewState.from_summary("seg", 2, {}).rows == []
 
 
+def test_after_a_rebox_the_list_is_reranked_and_the_slice_reviewed():
+    first = {"review": [{"name": "lung", "label": 1, "slices": [{"slice": 4, "confidence": 0.2},
+                                                                {"slice": 5, "confidence": 0.6}]}]}
+    state = review.state_after_run(None, "seg", 2, first)
+    state.mark_reviewed([5])
+    reboxed = {"review": [{"name": "lung", "label": 1, "slices": [{"slice": 4, "confidence": 0.9},
+                                                                  {"slice": 5, "confidence": 0.6}]}]}
+    after = review.state_after_run(state, "seg", 2, reboxed, only_slice=4)
+    assert after is state and [r.slice for r in after.rows] == [5, 4] and after.reviewed == {4, 5}
+    assert review.state_after_run(state, "seg", 2, first).reviewed == set()  # a whole run: a new list
+    assert review.state_after_run(state, "other", 2, reboxed, only_slice=4).reviewed == {4}  # another segment
+
+
+def test_rebox_needs_the_shown_slice_to_be_a_keyframe():
+    request = run.RunRequest(volume=None, document={"axis": 2, "segments": [
+        {"name": "lung", "boxes": [{"slice": 3, "box": [1, 1, 5, 5]}],
+         "lines": [{"slice": 9, "points": [[1, 1], [4, 4]]}, {"slice": 9, "points": [[1, 4], [4, 1]]}]}]},
+        axis=2, segment_id="seg", locked_slices=[], existing=None, keyframe_count=2, keyframe_spacing=6.0)
+    assert run.keyframe_slices(request) == [3, 9]
+    assert run.rebox_target(request, 9) == 9
+    with pytest.raises(errors.InputError, match="show the slice to re-box in the red view"):
+        run.rebox_target(request, None)
+    with pytest.raises(errors.InputError, match="slice 4 has no keyframe"):
+        run.rebox_target(request, 4)
+
+
 def test_quality_names_map_to_options_the_server_accepts():
     requests = pytest.importorskip("medsam_server.requests")
     assert run.QUALITIES == ("fast", "best")
+    assert run.DEFAULT_THRESHOLD == pytest.importorskip("medsam_server.protocol").MASK_THRESHOLD
     assert run.quality_options("fast") == {}
     assert run.quality_options("best") == {"box_margin": 0.1, "views": True}
     assert run.quality_options("best", single_slice=True) == {"box_margin": 0.1}
