@@ -10,7 +10,9 @@ the decoder is small, so a box on a cached slice never waits for an encoder step
    ``max_decode_batch`` prompts), groups them by slice shape and point count, and
    runs each group as one decoder call. While it was busy, requests piled up; they
    leave together. An idle worker answers a lone request at once (no waiting to fill
-   a batch).
+   a batch). A call holds at most ``max_decode_batch`` prompts, and a request of more
+   is queued in parts of that size, so that another user's box waits for one part,
+   not for a 500-box request (or an annotate job's batch) whole.
 2. Encoding: it runs one step of the most urgent embedding request: a ``segment``
    (``PRIORITY_SEGMENT``) before an ``annotate`` job before a background prefetch.
    A request is ``embeddings.embed_steps`` (the one embed path), one encoder chunk
@@ -144,10 +146,13 @@ class ModelWorker:
             points = np.asarray(points, dtype=np.float64).reshape(len(boxes), -1, 2)
             point_labels = (np.ones(points.shape[:2], dtype=np.int64) if point_labels is None
                             else np.asarray(point_labels, dtype=np.int64).reshape(points.shape[:2]))
-        item = _Decode(np.asarray(embeddings, dtype=np.float32), boxes, tuple(int(s) for s in image_shape),
-                       points, point_labels)
-        self._submit(PRIORITY_DECODE, item, owner)
-        return item.future
+        embeddings, step = np.asarray(embeddings, dtype=np.float32), self.max_decode_batch
+        cut = lambda a, n: None if a is None else a[n:n + step]  # noqa: E731 - parts of one batch each
+        parts = [_Decode(cut(embeddings, n), cut(boxes, n), tuple(int(s) for s in image_shape), cut(points, n),
+                         cut(point_labels, n)) for n in range(0, len(boxes), step)]
+        for part in parts:
+            self._submit(PRIORITY_DECODE, part, owner)
+        return parts[0].future if len(parts) == 1 else _gathered([part.future for part in parts])
 
     def embed(self, keys: Sequence[SliceKey], view_slice: ViewSlice, priority: int = PRIORITY_SEGMENT,
               progress: Optional[Callable[[int], None]] = None, should_stop: Optional[Callable[[], bool]] = None,
@@ -226,7 +231,10 @@ class ModelWorker:
     def _next(self, decoding: bool) -> tuple[list[_Decode], Optional[tuple]]:
         """Under the lock: pending decodes (up to a batch, owners in turn), or the most urgent embedding step."""
         batch, prompts = [], 0
-        while decoding and self._queues[PRIORITY_DECODE] and prompts < self.max_decode_batch:
+        while decoding and self._queues[PRIORITY_DECODE]:
+            following = next(iter(self._queues[PRIORITY_DECODE].values()))[0]
+            if batch and prompts + len(following.boxes) > self.max_decode_batch:
+                break  # a call of at most a batch: a lone box is not made to wait for others' prompts
             _, item = self._take(PRIORITY_DECODE)
             if item.future.set_running_or_notify_cancel():  # False: cancelled, its client is gone
                 batch.append(item)
@@ -317,6 +325,31 @@ def _settle(future: Future, result: Any = None, error: Optional[BaseException] =
         pass
 
 
+def _gathered(parts: list[Future]) -> Future:
+    """One future of the parts' results joined along the first axis; cancelling it cancels the parts."""
+    whole: Future = Future()
+    lock = threading.Lock()
+
+    def settled(_: Future) -> None:
+        with lock:
+            failed = next((p for p in parts if p.done() and not p.cancelled() and p.exception() is not None), None)
+            if whole.done() or (failed is None and not all(p.done() for p in parts)):
+                return
+            if failed is None and not any(p.cancelled() for p in parts):
+                return _settle(whole, np.concatenate([p.result() for p in parts]))
+            if failed is None:
+                whole.cancel()
+            else:
+                _settle(whole, error=failed.exception())
+        for part in parts:  # failed or cancelled: the other parts are not needed
+            part.cancel()
+
+    whole.add_done_callback(lambda _: [part.cancel() for part in parts] if whole.cancelled() else None)
+    for part in parts:
+        part.add_done_callback(settled)
+    return whole
+
+
 def _joined(group: list[_Decode], name: str) -> Optional[np.ndarray]:
     """One field of a group's requests as one array; a request alone keeps its own (no 4 MiB copy per slice)."""
     parts = [getattr(item, name) for item in group]
@@ -358,11 +391,22 @@ class WorkerModel:
         """As ``PromptableModel.embed_cached``, on the worker (whose cache must be ``cache``)."""
         if cache is not self.worker.cache:
             raise ValueError("a WorkerModel embeds into its worker's cache")
+        return self.embed_future(keys, view_slice, progress, should_stop, keep).result()
+
+    def embed_future(self, keys: Sequence[SliceKey], view_slice: ViewSlice,
+                     progress: Optional[Callable[[int], None]] = None,
+                     should_stop: Optional[Callable[[], bool]] = None, keep: bool = True) -> Future:
+        """As :meth:`embed_cached` (into the worker's cache), not waited for: the future of its result."""
         stops = [f for f in (should_stop, self.should_stop) if f is not None]
         return self.worker.embed(keys, view_slice, self.priority, progress,
-                                 (lambda: any(f() for f in stops)) if stops else None, keep, self.owner).result()
+                                 (lambda: any(f() for f in stops)) if stops else None, keep, self.owner)
 
     def decode(self, embeddings: np.ndarray, boxes: np.ndarray, image_shape: tuple[int, int],
                points: Optional[np.ndarray] = None, point_labels: Optional[np.ndarray] = None) -> np.ndarray:
         """As ``PromptableModel.decode``: (N, H, W) float32 probabilities, batched with other requests."""
-        return self.worker.decode(embeddings, boxes, image_shape, points, point_labels, self.owner).result()
+        return self.decode_future(embeddings, boxes, image_shape, points, point_labels).result()
+
+    def decode_future(self, embeddings: np.ndarray, boxes: np.ndarray, image_shape: tuple[int, int],
+                      points: Optional[np.ndarray] = None, point_labels: Optional[np.ndarray] = None) -> Future:
+        """As :meth:`decode`, not waited for: the future of its probabilities."""
+        return self.worker.decode(embeddings, boxes, image_shape, points, point_labels, self.owner)

@@ -253,6 +253,45 @@ def test_a_short_annotate_job_is_not_stuck_behind_another_users_long_one(tmp_pat
         assert short_seconds < long["seconds"] / 3
 
 
+def test_a_many_box_request_does_not_hold_up_another_users_box(tmp_path):
+    """Alice keeps sending 16-box segments on her cached slices; bob's one box waits for a part of hers, not all
+    of it (the decoder takes requests in parts of its batch, owners in turn)."""
+    volume = ct()
+    with medsam_serve(tmp_path, tokens=(ALICE, BOB)) as server:
+        alice, bob = server.session(volume[10:26], ALICE), server.session(volume[20:21], BOB)
+        assert server.prefetch(alice, ALICE)["state"] == server.prefetch(bob, BOB)["state"] == "done"
+        boxes = {"window": WINDOW, "boxes": [{"slice": k, "box": BOX} for k in range(16)]}
+        theirs, stop = [], threading.Event()
+
+        def sixteen_boxes() -> None:
+            for _ in range(40):
+                if stop.is_set():
+                    return
+                start = time.monotonic()
+                answer = server.post(alice, "segment", boxes, ALICE)
+                theirs.append((answer.status_code, time.monotonic() - start))
+
+        threads = [threading.Thread(target=sixteen_boxes, daemon=True) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        try:
+            time.sleep(2.0)
+            mine = []
+            for _ in range(6):
+                start = time.monotonic()
+                assert server.segment(bob, 0, BOB).status_code == 200
+                mine.append(time.monotonic() - start)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=120)
+        alice_median, bob_median = float(np.median([t for _, t in theirs])), float(np.median(mine))
+        print(f"alice's 16-box segments: median {alice_median:.2f} s ({len(theirs)}); bob's box: median "
+              f"{bob_median:.2f} s")
+        assert {code for code, _ in theirs} == {200}
+        assert bob_median < alice_median / 2
+
+
 # ------------------------------------------------------------------ the client against a hung server
 
 
