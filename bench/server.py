@@ -10,7 +10,15 @@ server (uvicorn in a thread of this process, on 127.0.0.1) and the direct calls:
 - HTTP null: ``MedSAMClient.health`` (the cost of a loopback request by itself).
 
 The image is scikit-image's ``camera()`` (512x512, shipped in the wheel) as a
-one-slice volume. Run: ``.venv/bin/python bench/server.py [--repeats 30] [--threads 1]``.
+one-slice volume. Then, each on a fresh ``medsam serve`` child process:
+
+- flood (``server_flood.py``, issue 13): p50/p95 of one user's cached-slice segment while a
+  second user floods the server, as a ratio of the idle figure (goal <= 2x);
+- upload: the server's peak RSS growth while it receives one ``--upload-mib`` int16 volume
+  (CTChest4 upsampled to 512x512, with noise so that it compresses like a scan), against the
+  volume's size and the body's.
+
+Run: ``OMP_NUM_THREADS=1 .venv/bin/python bench/server.py [--only latency|flood|upload] [--repeats 30]``.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+import server_flood
 
 REPO = Path(__file__).resolve().parent.parent
 BOX = [190, 60, 330, 420]  # the cameraman, (u = column, v = row)
@@ -64,15 +74,63 @@ def serve_in_thread(app):
     return server, thread, f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
+def memory_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith(field + ":"))
+
+
+def upload_peak(mib: int) -> None:
+    """Peak RSS growth of a real ``medsam serve`` receiving one volume of ``mib`` MiB (Linux: /proc)."""
+    import tempfile
+
+    import httpx
+
+    ct = server_flood.ct_volume()
+    volume = np.repeat(np.repeat(np.resize(ct, (mib * 2, 128, 128)), 4, axis=1), 4, axis=2)  # 0.5 MiB a slice
+    volume = (volume + np.random.default_rng(0).normal(0, 8, volume.shape)).astype(np.int16)
+    body = server_flood.envelope(volume)
+    with tempfile.TemporaryDirectory() as folder:
+        process, url = server_flood.start_server(Path(folder))
+        try:
+            server_flood.wait_until_up(httpx, url, process)
+            bob = server_flood.User(httpx, url, server_flood.BOB)
+            bob.upload(ct[:1])  # the route warm
+            time.sleep(1.0)
+            base = memory_kib(process.pid, "VmRSS")
+            with open(f"/proc/{process.pid}/clear_refs", "w") as handle:
+                handle.write("5")  # VmHWM from here on
+            bob.upload(volume)
+            time.sleep(0.5)
+            peak, held = memory_kib(process.pid, "VmHWM") - base, memory_kib(process.pid, "VmRSS") - base
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+    size, sent = volume.nbytes / 2**20, len(body) / 2**20
+    print(f"upload of a {size:.0f} MiB int16 volume ({sent:.1f} MiB as sent): server RSS peak "
+          f"+{peak / 1024:.0f} MiB = {peak / 1024 / size:.2f}x the volume ({peak / 1024 / sent:.2f}x the body), "
+          f"+{held / 1024:.0f} MiB held after")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=("latency", "flood", "upload"), help="one part (default: all)")
+    parser.add_argument("--upload-mib", type=int, default=96, help="the upload's volume in MiB (default 96)")
+    server_flood.add_arguments(parser)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--encoder-repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--backend", default="torch", choices=("torch", "onnx"))
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()
+    if args.only in (None, "latency"):
+        latency(args)
+    if args.only in (None, "flood"):
+        server_flood.report(args, server_flood.measure(args))
+    if args.only in (None, "upload"):
+        upload_peak(args.upload_mib)
 
+
+def latency(args: argparse.Namespace) -> None:
     import torch
     from skimage import data
 

@@ -10,11 +10,12 @@ users, measured side by side in one run:
   ``--patience`` seconds, as an impatient or hostile client would, plus prefetch jobs.
 
 Prints bob's p50/p95 idle and flooded and their ratio (issue 13's goal: at most 2x),
-and what became of alice's requests. Run (one torch thread: the server's two model threads
-share the cores, as in the tests):
+and what became of alice's requests. ``bench/server.py`` runs it after its latency figures
+(``--only flood`` for this part alone); run by itself (one torch thread: the server's two model
+threads share the cores, as in the tests):
 ``OMP_NUM_THREADS=1 .venv/bin/python bench/server_flood.py [--requests 30] [--flooders 8]``.
-On the shared 2-core machine (load average ~16) it gave p50 2.3x, p95 2.5x; before issue 13
-bob's first request under the flood did not answer within 300 s.
+Before issue 13 bob's first request under the flood did not answer within 300 s; the README
+has the figures measured since.
 """
 
 from __future__ import annotations
@@ -119,22 +120,29 @@ def percentiles(values: list[float]) -> tuple[float, float]:
     return statistics.median(ordered), ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
 
 
-def main() -> None:
-    import httpx
-    import SimpleITK as sitk
-    import slicerio
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=30, help="bob's segments per phase (default 30)")
     parser.add_argument("--flooders", type=int, default=8, help="alice's threads (default 8)")
     parser.add_argument("--slices", type=int, default=400, help="slices of alice's noise volume (default 400)")
     parser.add_argument("--patience", type=float, default=2.0, help="alice gives up after this many s (default 2)")
     parser.add_argument("--give-up", type=float, default=120.0,
                         help="bob's segment counts as failed after this many s (default 120)")
-    args = parser.parse_args()
 
-    ct = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(os.path.dirname(slicerio.__file__), "data",
-                                                            "CTChest4.nrrd"))).astype(np.int16)
+
+def ct_volume() -> np.ndarray:
+    """slicerio's CTChest4, (k, j, i) int16 HU (34 axial slices of 128 x 128)."""
+    import SimpleITK as sitk
+    import slicerio
+
+    path = os.path.join(os.path.dirname(slicerio.__file__), "data", "CTChest4.nrrd")
+    return sitk.GetArrayFromImage(sitk.ReadImage(path)).astype(np.int16)
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Bob's idle and flooded latencies (ms) and what became of alice's requests, on a fresh ``medsam serve``."""
+    import httpx
+
+    ct = ct_volume()
     noise = np.random.default_rng(0).integers(-1000, 1000, (args.slices, 128, 128), dtype=np.int16)
     with tempfile.TemporaryDirectory() as folder:
         process, url = start_server(Path(folder))
@@ -166,7 +174,12 @@ def main() -> None:
         finally:
             process.terminate()
             process.wait(timeout=60)
-    (idle50, idle95), (flood50, flood95) = percentiles(idle), percentiles(flooded)
+    return {"idle": idle, "flooded": flooded, "counts": counts}
+
+
+def report(args: argparse.Namespace, result: dict) -> None:
+    (idle50, idle95), (flood50, flood95) = percentiles(result["idle"]), percentiles(result["flooded"])
+    counts = result["counts"]
     print(f"bob's segment on a cached slice, {args.requests} requests a phase "
           f"(alice: {args.flooders} threads, gives up after {args.patience:.0f} s, plus a prefetch):")
     print(f"  idle     p50 {idle50:8.1f} ms   p95 {idle95:8.1f} ms")
@@ -174,6 +187,13 @@ def main() -> None:
     print(f"  ratio    p50 {flood50 / idle50:8.2f} x    p95 {flood95 / idle95:8.2f} x   (goal <= 2 x)")
     print(f"alice's requests: {counts['answered']} answered, {counts['abandoned']} abandoned, "
           f"{counts['refused']} refused (429: too many slices waiting)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args()
+    report(args, measure(args))
 
 
 if __name__ == "__main__":
