@@ -6,12 +6,18 @@ points and masks cross this class in *slice pixels* (rows along v, columns along
 turned into the model's view (``orientation``) and back inside, exactly.
 
 ``model`` is a ``models.base.PromptableModel`` or the server's ``worker.WorkerModel``: both
-offer ``embed_cached``, ``decode``, ``name`` and ``decoder_batch``.
+offer ``embed_cached``, ``decode``, ``name`` and ``decoder_batch``. This class is the one decode
+path: :meth:`decode` and :meth:`masks` wait for the model here and now (the CLI, annotate jobs);
+:meth:`embeddings_awaited` and :meth:`masks_awaited` do the same for a request on the event loop,
+awaiting the worker's futures (``WorkerModel.embed_future``, ``decode_future``) without holding a
+thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
+from collections.abc import Awaitable
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -91,6 +97,28 @@ class SliceStack:
         view_boxes, view_shape, view_points = self.prompts_to_view(boxes, points)
         return self.from_view(self.model.decode(embeddings, view_boxes, view_shape, view_points, point_labels))
 
+    async def embeddings_awaited(self, indices: Sequence[int]) -> np.ndarray:
+        """As :meth:`embeddings` (kept in the cache), awaited: slices all cached go straight on (no turn in the
+        worker's queue to wait for); otherwise the worker embeds the missing ones at the model's priority."""
+        indices = list(indices)
+        keys = [self.key(i) for i in indices]
+        cached = [self.cache.get(key) for key in keys]
+        if all(e is not None for e in cached):
+            return np.stack(cached)
+        embedded = self.model.embed_future(keys, lambda n: self.view.to_view(self.plane(indices[n])))
+        embeddings, _ = await asyncio.wrap_future(embedded)
+        return embeddings
+
+    async def masks_awaited(self, embeddings: np.ndarray, boxes: np.ndarray, points: Optional[np.ndarray] = None,
+                            point_labels: Optional[np.ndarray] = None,
+                            run: Optional[Callable[..., Awaitable]] = None) -> np.ndarray:
+        """As :meth:`masks`, awaited: (N, rows, cols) bool. ``run(function, *args)`` maps the probabilities back
+        and thresholds them on a thread (here when None)."""
+        view_boxes, view_shape, view_points = self.prompts_to_view(boxes, points)
+        decoded = self.model.decode_future(embeddings, view_boxes, view_shape, view_points, point_labels)
+        probabilities = await asyncio.wrap_future(decoded)
+        return self._masks(probabilities) if run is None else await run(self._masks, probabilities)
+
     def prompts_to_view(self, boxes: np.ndarray, points: Optional[np.ndarray] = None) -> tuple:
         """Boxes (N, 4) and points (N, P, 2) in slice pixels -> (view boxes, view (H, W), view points)."""
         view, shape = self.view, self.shape
@@ -108,3 +136,6 @@ class SliceStack:
               point_labels: Optional[np.ndarray] = None) -> np.ndarray:
         """As :meth:`decode`, thresholded: (N, rows, cols) bool."""
         return self.decode(embeddings, boxes, points, point_labels) > MASK_THRESHOLD
+
+    def _masks(self, view_probabilities: np.ndarray) -> np.ndarray:
+        return self.from_view(view_probabilities) > MASK_THRESHOLD

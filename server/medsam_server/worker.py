@@ -373,17 +373,10 @@ class WorkerModel:
         self.should_stop = should_stop
         self.owner = owner  # whose turn the work takes (round robin between owners)
 
-    @property
-    def device(self) -> str:
-        return self.worker.model.device
-
-    @property
-    def decoder_batch(self) -> int:
-        return self.worker.model.decoder_batch
-
-    @property
-    def embedding_shape(self) -> tuple[int, int, int]:
-        return self.worker.model.embedding_shape
+    # The worker's model's, read when asked.
+    device = property(lambda self: self.worker.model.device)
+    decoder_batch = property(lambda self: self.worker.model.decoder_batch)
+    embedding_shape = property(lambda self: self.worker.model.embedding_shape)
 
     def embed_cached(self, cache: EmbeddingCache, keys: Sequence[SliceKey], view_slice: ViewSlice,
                      progress: Optional[Callable[[int], None]] = None,
