@@ -12,8 +12,11 @@ Two stages on top of ``annotate.annotate`` (keyframes on one axis, the *prompt a
   is the first result's extent grown by ``view_margin`` (along the prompt axis never past the
   outermost keyframes), decoded on slices resampled to square pixels (a 3 x 3 x 10 mm CT
   reaches the model unsquashed) and mapped back; the three probability volumes are averaged
-  and thresholded. It lifts the thoracic spine (0.59 -> 0.66 at every 5 slices) but lowers the
-  lungs (LiteMedSAM is poor on coronal lung slices of this CT): off by default.
+  and thresholded. The segment's kept run (``refine.SegmentRun``) then holds the averaged
+  probabilities and its review describes the fused masks, so a later threshold moves the fused
+  result (the server's threshold route), not the first pass. It lifts the thoracic spine
+  (0.59 -> 0.66 at every 5 slices) but lowers the lungs (LiteMedSAM is poor on coronal lung
+  slices of this CT): off by default.
 
 Frames: volumes are numpy (k, j, i); slices along an axis are (rows along v, cols along u) as in
 ``geometry.in_plane_axes``; ``spacing`` is (i, j, k) in mm as SimpleITK gives it.
@@ -30,7 +33,7 @@ from .annotate import AnnotationResult, annotate
 from .embeddings import EmbeddingCache
 from .geometry import in_plane_axes, slice_index
 from .prompts import PromptDocument
-from .refine import postprocess
+from .refine import quantize, review_entry, segment_masks
 from .requests import AnnotateOptions
 from .stack import SliceStack
 
@@ -151,15 +154,17 @@ def annotate_multiview(array: np.ndarray, direction: np.ndarray, spacing: Sequen
             fused += view_probabilities(stack, first, prompts.axis, (min(keyframes), max(keyframes)),
                                         VIEW_MARGIN, batch)
         written = sorted(segment.slices)  # the first pass's slices (locked ones excluded): the only ones rewritten
-        mask = np.zeros_like(_prompt_axis_frame(fused, prompts.axis), dtype=bool)
-        mask[written] = _prompt_axis_frame(fused, prompts.axis)[written] / 3.0 > options.threshold
-        mask = postprocess(mask, set(written), options.fill_holes, options.largest_component)
+        mean = _prompt_axis_frame(fused, prompts.axis)
+        for index in written:  # the kept run holds the fused probabilities: a later threshold moves over them
+            segment.run.probabilities[index] = quantize(mean[index] / 3.0)
+        mask = segment_masks(segment.run)  # as a threshold request at the run's threshold gives them
         labels = _prompt_axis_frame(result.labels, prompts.axis)  # a view: writes land in result.labels
         for index in written:
             target = labels[index]
             target[target == segment.label] = 0
             target[mask[index] if options.overwrite else mask[index] & (target == 0)] = segment.label
         segment.voxels = int(sum((labels[i] == segment.label).sum() for i in written))
+        segment.review = review_entry(segment.run, mask)  # the fused masks, the ones written
     return result
 
 

@@ -146,6 +146,37 @@ def test_the_server_moves_a_threshold_without_a_model_call_and_reboxes_one_slice
     assert any("points are experimental" in note for note in points.notes)
 
 
+def test_after_a_views_run_the_threshold_moves_the_fused_masks_and_the_review_describes_them(served, litemedsam):
+    """Issue 15's views on the server: the kept run holds the fused probabilities, so the threshold route at the
+    run's own threshold gives back exactly the masks the annotate job wrote (not the first, single-view pass), and
+    the review ranks those masks."""
+    from medsam_server.annotate import annotate
+    from medsam_server.prompts import parse_prompts
+    from medsam_server.refine import review_entry
+    from medsam_server.simulate import simulated_prompts
+    from test_multiview import ANISOTROPIC, ellipsoid
+
+    client, url, state = served
+    volume, inside = ellipsoid()  # (10, 40, 40) at 3 x 3 x 10 mm
+    document = simulated_prompts(inside.astype(np.uint8), [("blob", 1)], 3, window=[0, 255])
+    session = client.upload_volume(volume, spacing=ANISOTROPIC)
+    offset, block, summary = client.annotate(session, document, views=True)
+    written = np.zeros(volume.shape, np.uint16)
+    written[offset[2]:offset[2] + block.shape[0], offset[1]:offset[1] + block.shape[1],
+            offset[0]:offset[0] + block.shape[2]] = block
+    single = annotate(volume, np.eye(3), parse_prompts(document, (40, 40, 10)), litemedsam).labels == 1
+    assert (single != (written == 1)).sum() > 0  # the fusion changed the masks: what follows tells them apart
+
+    status, header, at_run = _threshold(url, session, {"label": 1, "threshold": 0.5})
+    assert status == 200
+    np.testing.assert_array_equal(at_run, written[header["slices"]] == 1)
+    assert header["review"] == summary["review"][0]
+    run = state.sessions.get(session.id, "", session.key).runs[1]
+    assert summary["review"][0] == review_entry(run, written == 1)  # the review of the written (fused) masks
+    _, _, lower = _threshold(url, session, {"label": 1, "threshold": 0.3})
+    assert lower.sum() >= at_run.sum() and (lower | at_run).sum() == lower.sum()  # it moves the fused masks
+
+
 def test_medsam_annotate_reboxes_one_slice_and_keeps_the_others(tmp_path):
     import json
 
