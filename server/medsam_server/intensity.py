@@ -1,6 +1,6 @@
 """Intensity windows: a volume's values -> uint8 [0, 255], the mapping the models were trained on.
 
-CT presets by level/width (DESIGN.md section 2); MR and other modalities are clipped to
+CT presets by level/width (README "Models"); MR and other modalities are clipped to
 the 0.5-99.5 percentiles of their non-zero voxels; ``auto`` picks ``ct-soft`` when the
 values look like Hounsfield units. RGB images are scaled by their min-max. numpy only.
 """

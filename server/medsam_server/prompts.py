@@ -1,4 +1,4 @@
-"""The prompt document (DESIGN.md section 4): parse, validate, and map to slice boxes.
+"""The prompt document (README, "The command line"): parse, validate, and map to slice boxes.
 
 Frames: the document speaks in voxel indices (i, j, k). Slices are taken along
 ``axis``; u and v are the two other axes in increasing order, so on a slice a box

@@ -231,7 +231,8 @@ def parse_annotate_request(header: Any, size_ijk: Sequence[int],
         raise InputError("an annotate request is a JSON object with a 'document'")
     no_unknown_keys(header, {"document", "options", "array"}, "the annotate request")
     if "document" not in header:
-        raise InputError("the annotate request needs a 'document' (the prompt document of DESIGN.md section 4)")
+        raise InputError("the annotate request needs a 'document' (the prompt document, README section "
+                         "'The command line')")
     prompts = parse_prompts(header["document"], size_ijk)
     options = parse_options(header.get("options", {}), size_ijk[prompts.axis])
     volume_shape = (size_ijk[2], size_ijk[1], size_ijk[0])

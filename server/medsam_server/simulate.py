@@ -79,7 +79,7 @@ def simulated_prompts(
     markers: str = "boxes",
     seed: int = 0,
 ) -> dict:
-    """A prompt document (DESIGN.md section 4) marking each target of a (k, j, i) reference labelmap.
+    """A prompt document (README, "The command line") marking each target of a (k, j, i) reference labelmap.
 
     ``targets`` are (segment name, reference label) pairs; ``markers`` is "boxes" or "lines".
     """

@@ -16,7 +16,7 @@ from .annotate_io import check_paths, read_existing, segments_to_write, write_se
 
 
 def register(p: argparse.ArgumentParser) -> None:
-    p.description = ("Segment IMAGE from a prompt document (DESIGN.md section 4). OUT ending in .seg.nrrd is a "
+    p.description = ("Segment IMAGE from a prompt document (README, 'The command line'). OUT ending in .seg.nrrd is a "
                      "Slicer segmentation; .png a 2D label image; any other extension a labelmap.")
     p.add_argument("image", type=Path, help="NRRD, NIfTI, MHA, a DICOM series folder, or PNG/JPEG/TIFF/BMP")
     p.add_argument("--prompts", type=Path, required=True, help="the prompt document (JSON)")

@@ -1,6 +1,6 @@
 """Reading images: every file format the command line and the server accept, into a :class:`Volume`.
 
-Frames and conventions (DESIGN.md sections 4 and 5):
+Frames and conventions (the prompt document's, README "The command line"):
 - A :class:`Volume` array is numpy ``(k, j, i)`` as SimpleITK's ``GetArrayFromImage`` gives it,
   with a trailing axis of 3 for RGB. A 2D image is a volume of one slice (k = 1).
 - ``spacing`` and ``origin`` are in SimpleITK order (i, j, k), millimetres, LPS.
