@@ -180,13 +180,21 @@ def test_one_token_cannot_take_all_the_session_memory(small_server):
 def test_a_failed_jobs_error_is_capped_like_a_requests(small_server, monkeypatch):
     """The annotate run fails with a two-million-character message (the failure is staged; the job, its status
     and result routes are the server's)."""
-    from medsam_server import sessions
+    import importlib
+
     from medsam_server.errors import InputError
 
     def fails(*args, **kwargs):
         raise InputError("segment 'lung': " + "x" * 2_000_000)
 
-    monkeypatch.setattr(sessions, "annotate_multiview", fails)
+    for name in ("medsam_server.session_work", "medsam_server.sessions"):  # where the annotate job calls it
+        with contextlib.suppress(ImportError):
+            module = importlib.import_module(name)
+            if hasattr(module, "annotate_multiview"):
+                monkeypatch.setattr(module, "annotate_multiview", fails)
+                break
+    else:
+        raise AssertionError("no module of the server runs annotate_multiview")
     session = small_server.session(ct()[20:21], ALICE)
     try:
         document = {"window": WINDOW, "segments": [{"name": "lung", "boxes": [{"slice": 0, "box": BOX}]}]}
@@ -250,7 +258,7 @@ def test_a_short_annotate_job_is_not_stuck_behind_another_users_long_one(tmp_pat
               f"{at_that_time['total']}); alice's 20-slice job: {long['seconds']:.1f} s")
         assert (short["state"], long["state"]) == ("done", "done")
         assert at_that_time["state"] == "running"
-        assert short_seconds < long["seconds"] / 3
+        assert short_seconds < long["seconds"] / 2  # first come, first served: after hers, over 1x
 
 
 def test_a_many_box_request_does_not_hold_up_another_users_box(tmp_path):
