@@ -414,7 +414,7 @@ class MedSAMClient:
     def annotate(self, session: Session, document: dict, existing: np.ndarray | None = None,
                  progress: Callable[[int, int], Any] | None = None, cancel: threading.Event | None = None,
                  **options: Any) -> tuple[tuple[int, int, int], np.ndarray, dict]:
-        """Run a prompt document (DESIGN.md section 4) -> ``(ijk_offset, labels, summary)``.
+        """Run a prompt document (the README's "The command line") -> ``(ijk_offset, labels, summary)``.
 
         ``labels`` is the (k, j, i) block of the changed slices, to be placed at IJK
         ``ijk_offset`` = (i0, j0, k0); it is the complete answer for its slices along

@@ -9,8 +9,8 @@ Frames
 - *world*: Slicer's RAS after all parent transforms. ``ijk_to_world`` is a 4x4 matrix; only
   linear parent transforms are supported (a warped volume must be hardened first).
 - *slice pixels*: a slice taken along ``axis`` has columns along ``u`` and rows along ``v``,
-  where (u, v) are the two other IJK axes in increasing order (DESIGN.md section 4). A box is
-  ``[u_min, v_min, u_max, v_max]``, inclusive voxel indices.
+  where (u, v) are the two other IJK axes in increasing order (the prompt document, README "The command
+  line"). A box is ``[u_min, v_min, u_max, v_max]``, inclusive voxel indices.
 """
 
 from __future__ import annotations

@@ -316,7 +316,7 @@ def line_keyframe(line_node, volume: VolumeArray, axis: int) -> LineKeyframe:
 def prompt_document(axis: int, boxes: Sequence[BoxKeyframe] = (), lines: Sequence[LineKeyframe] = (),
                     segment_name: str = "segment", window: Any = "auto", locked_slices: Sequence[int] = (),
                     label: int = 1) -> dict:
-    """The prompt document of DESIGN.md section 4 for one segment.
+    """The prompt document (README "The command line") for one segment.
 
     One keyframe per slice: two boxes, or a box and lines, on one slice are an error naming both markups.
     """
