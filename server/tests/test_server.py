@@ -707,6 +707,27 @@ def test_serve_exits_by_itself_once_the_watched_process_is_gone():
         watched.wait(timeout=30)
 
 
+def test_the_pid_watcher_tells_a_zombie_from_a_live_process_with_proc_and_with_ps():
+    """Where there is no /proc (macOS) ``ps`` gives the state: a killed, unreaped child is not alive either way."""
+    from medsam_server.commands import serve
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert serve.process_alive(child.pid) is True
+        assert serve._ps_state(child.pid) in ("S", "R")
+        os.kill(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while serve._ps_state(child.pid) != "Z" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert serve._ps_state(child.pid) == "Z"  # killed, not yet reaped
+        assert serve.process_alive(child.pid) is False
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+    assert serve._ps_state(child.pid) == ""  # reaped: ps knows no such process
+    assert serve.process_alive(child.pid) is False
+
+
 def test_serve_refuses_to_watch_a_process_that_does_not_exist(capsys):
     assert cli.main(["serve", "--watch-pid", str(2**22 + 12345)]) == 2
     assert "--watch-pid 4206649: no such process" in capsys.readouterr().err

@@ -96,8 +96,19 @@ def process_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # it exists, and belongs to someone else
-    return True
+        pass  # it exists, and belongs to someone else
+    return _ps_state(pid) not in ("Z", "")  # no /proc (macOS): a zombie still answers kill(pid, 0)
+
+
+def _ps_state(pid: int) -> str:
+    """The first letter of ``ps``'s state of ``pid`` ("" when ps knows no such process); "?" if ps fails."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"  # cannot tell: count it as alive rather than stop a server that is in use
+    return out.stdout.strip()[:1]
 
 
 def _windows_process_alive(pid: int) -> bool:
