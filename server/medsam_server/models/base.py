@@ -74,6 +74,9 @@ class Runtime(Protocol):
     def decode(self, embeddings: np.ndarray, coords: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """Embeddings, coords (N, K, 2) in model pixels, labels (N, K) -> (N, 1, 256, 256) float32 logits."""
 
+    def decode_alternatives(self, embeddings: np.ndarray, coords: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """As :meth:`decode`, SAM's other mask tokens 1..3: (N, 3, 256, 256) float32 logits."""
+
 
 class PromptableModel:
     """A box (and optional points) on a slice in, a mask probability out.
@@ -142,6 +145,23 @@ class PromptableModel:
                 0 = outside, -1 = padding.
         Returns: (N, H, W) float32 probabilities.
         """
+        coords, labels = self._prompt_input(embeddings, boxes, image_shape, points, point_labels)
+        logits = self.runtime.decode(embeddings, coords, labels)
+        return self.recipe.logits_to_probabilities(logits, image_shape)
+
+    def decode_alternatives(self, embeddings: np.ndarray, boxes: np.ndarray,
+                            image_shape: tuple[int, int]) -> np.ndarray:
+        """The decoder's other mask outputs for box i on embedding i: (N, 3, H, W) float32 probabilities of SAM's
+        mask tokens 1..3 (:meth:`decode` gives token 0, the model's mask; its path is not touched)."""
+        coords, labels = self._prompt_input(embeddings, boxes, image_shape, None, None)
+        logits = self.runtime.decode_alternatives(embeddings, coords, labels)  # (N, T, S', S')
+        n, count = logits.shape[:2]
+        planes = self.recipe.logits_to_probabilities(logits.reshape(n * count, 1, *logits.shape[2:]), image_shape)
+        return planes.reshape(n, count, *planes.shape[1:])
+
+    def _prompt_input(self, embeddings: np.ndarray, boxes: np.ndarray, image_shape: tuple[int, int],
+                      points: Optional[np.ndarray], point_labels: Optional[np.ndarray]) -> tuple:
+        """Boxes (and points) in view pixels -> the runtime's coords (N, K, 2) in model pixels and labels (N, K)."""
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 2, 2)
         n = len(boxes)
         if len(embeddings) != n:
@@ -157,8 +177,7 @@ class PromptableModel:
             # SAM's order: points first, then the box corners.
             coords = np.concatenate([self.recipe.coords_to_input(pts, image_shape), coords], axis=1)
             labels = np.concatenate([lab, labels], axis=1)
-        logits = self.runtime.decode(embeddings, coords, labels)
-        return self.recipe.logits_to_probabilities(logits, image_shape)
+        return coords, labels
 
     def segment(self, image2d: np.ndarray, box: Sequence[float], window="auto") -> np.ndarray:
         """Convenience: one (H, W) or (H, W, 3) image and one box in its pixels -> (H, W) bool mask.

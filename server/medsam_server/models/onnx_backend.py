@@ -119,6 +119,8 @@ class OnnxRuntime:
 
         self.precision = precision
         providers, self.device = _providers(device)
+        self.providers, self.threads = providers, threads
+        self.alternatives = None  # alternatives.OnnxAlternatives, set by onnx_runtime
         try:
             self.encoder = ort.InferenceSession(str(encoder_path), session_options(threads), providers=providers)
             self.decoder = ort.InferenceSession(str(decoder_path), session_options(threads), providers=providers)
@@ -139,6 +141,12 @@ class OnnxRuntime:
             "labels": np.ascontiguousarray(labels, dtype=np.int64),
         }
         return self.decoder.run(DECODER_OUTPUTS, feed)[0]
+
+    def decode_alternatives(self, embeddings: np.ndarray, coords: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """As :meth:`decode`, SAM's other mask tokens 1..3 (``alternatives.py``): (N, 3, 256, 256) logits."""
+        if self.alternatives is None:
+            raise InputError("this ONNX runtime has no alternatives graph (make it with onnx_runtime)")
+        return self.alternatives.run(embeddings, coords, labels)
 
 
 # ------------------------------------------------------------------ cache folder
@@ -182,12 +190,12 @@ def _bundled_litemedsam_digest() -> str:
     return CHECKPOINT_SHA256
 
 
-def _graph_code_digest() -> str:
-    """SHA-256 of ``PromptedMaskDecoder``'s source (what ``inspect.getsource`` gives), read without importing torch."""
+def _graph_code_digest(class_name: str = "PromptedMaskDecoder") -> str:
+    """SHA-256 of a ``torch_runtime`` class's source (as ``inspect.getsource`` gives it), read without torch."""
     source = _read(Path(__file__).with_name("torch_runtime.py"))
     lines = source.splitlines(keepends=True)
     for node in ast.parse(source).body:
-        if isinstance(node, ast.ClassDef) and node.name == "PromptedMaskDecoder":
+        if isinstance(node, ast.ClassDef) and node.name == class_name:
             first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
             return hashlib.sha256("".join(lines[first - 1:node.end_lineno]).encode()).hexdigest()
     return hashlib.sha256(b"").hexdigest()  # no source shipped: the export format alone keys the folder
@@ -227,7 +235,16 @@ def onnx_runtime(
             print(f"Quantizing the {model_name} encoder to int8 into {folder} (once)", file=sys.stderr, flush=True)
             quantize_encoder(encoder_path, int8_path)
         encoder_path = int8_path
-    return OnnxRuntime(encoder_path, decoder_path, device, threads, precision)
+    runtime = OnnxRuntime(encoder_path, decoder_path, device, threads, precision)
+    from .alternatives import OnnxAlternatives
+
+    def export_alternatives(path: Path) -> None:
+        from .onnx_export import export_alternatives as export  # needs torch, once
+
+        export(build_torch_modules()[1], path)
+
+    runtime.alternatives = OnnxAlternatives(folder, export_alternatives, runtime.providers, threads)
+    return runtime
 
 
 def write_atomically(path: Path, write: Callable[[Path], object]) -> None:

@@ -116,6 +116,23 @@ def export_decoder(decoder: PromptedMaskDecoder, path: Path) -> Path:
     return path
 
 
+def export_alternatives(decoder: PromptedMaskDecoder, path: Path) -> Path:
+    """Export the alternatives graph (``alternatives.py``) of a decoder's weights to ``path``; other versions of it
+    in that folder (older keys) are removed."""
+    from .alternatives import ALTERNATIVE_TOKENS, ALTERNATIVES_OUTPUTS, ALTERNATIVES_PREFIX
+    from .torch_runtime import AlternativeMaskDecoder
+
+    module = AlternativeMaskDecoder(decoder.prompt_encoder, decoder.mask_decoder, ALTERNATIVE_TOKENS)
+    size = float(decoder.prompt_encoder.input_image_size[0])
+    example = (torch.randn(2, 256, 64, 64), torch.rand(2, 3, 2) * size, torch.tensor([[1, 2, 3], [0, 2, 3]]))
+    axes = {"embeddings": {0: "n"}, "coords": {0: "n", 1: "k"}, "labels": {0: "n", 1: "k"}, "logits": {0: "n"}}
+    _export(module.eval(), example, DECODER_INPUTS, ALTERNATIVES_OUTPUTS, axes, path)
+    for stale in path.parent.glob(f"{ALTERNATIVES_PREFIX}*.onnx"):
+        if stale.name != path.name:
+            stale.unlink(missing_ok=True)
+    return path
+
+
 def _export(module: nn.Module, example: tuple, input_names: list, output_names: list, axes: dict, path: Path) -> None:
     def write(tmp: Path) -> None:
         # The legacy exporter warns about every Python branch it freezes; they are fixed per model
