@@ -32,6 +32,9 @@ ROUTE_ANNOTATE = "/sessions/{session_id}/annotate"
 ROUTE_JOB = "/sessions/{session_id}/jobs/{job_id}"
 ROUTE_JOB_RESULT = "/sessions/{session_id}/jobs/{job_id}/result"
 ROUTE_THRESHOLD = "/sessions/{session_id}/threshold"
+ROUTE_ALTERNATIVES = "/sessions/{session_id}/alternatives"
+#: Candidates of an alternatives answer: 0 the run's own mask, 1..3 the decoder's other mask outputs.
+ALTERNATIVE_COUNT = 4
 
 #: Model names ``medsam serve --model`` accepts (the first is the default) and what the panel calls them.
 MODEL_NAMES = ("litemedsam", "medsam-vit-b")

@@ -227,6 +227,7 @@ def annotate(
         locked = {i: labels[slice_index(prompts.axis, i)] == segment.label for i in segment.locked_slices}
         mask, written, propagated, kept = _segment_mask(segment, plans[segment.label], stack, run, options, notes,
                                                         locked)
+        kept.window, kept.orientation = window, options.orientation  # where its alternatives are decoded
         written -= set(locked)
         _write(labels, mask, segment.label, prompts.axis, written, options.overwrite)
         changed |= written

@@ -64,6 +64,7 @@ from .protocol import (
     LABEL_DTYPES,
     MASK_DTYPE,
     MAX_POLL_WAIT_SECONDS,
+    ROUTE_ALTERNATIVES,
     ROUTE_ANNOTATE,
     ROUTE_HEALTH,
     ROUTE_INFO,
@@ -309,6 +310,15 @@ async def threshold(session_id: str, request: Request, owner: str = Depends(call
         return wire.encode(header, masks.astype(MASK_DTYPE))
 
     return envelope_response(await server.run(masks_envelope))
+
+
+@router.post(ROUTE_ALTERNATIVES)
+async def alternatives(session_id: str, request: Request, owner: str = Depends(caller)):
+    server = _server(request)
+    session = _session(request, session_id, owner)
+    raw = await read_json(server, request, server.settings.limits)
+    header, masks = await unless_disconnected(request, server.sessions.alternatives(session, raw, server.run))
+    return envelope_response(await server.run(wire.encode, header, masks.astype(MASK_DTYPE)))
 
 
 @router.post(ROUTE_PREFETCH, status_code=202)

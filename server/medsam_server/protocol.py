@@ -41,6 +41,9 @@ MAX_SEGMENTS = 1024
 #: Probabilities above this are inside a mask (both model families, as upstream): the default of every
 #: threshold (``medsam annotate --threshold``, the annotate request's option, a kept run's).
 MASK_THRESHOLD = 0.5
+#: Candidates of an alternatives answer: 0 the run's own mask (SAM's mask token 0, or the fused views), 1..3 the
+#: decoder's other mask tokens.
+ALTERNATIVE_COUNT = 4
 
 # Routes (``str.format`` templates of the path).
 ROUTE_HEALTH = "/health"
@@ -52,6 +55,8 @@ ROUTE_PREFETCH = "/sessions/{session_id}/prefetch"
 ROUTE_ANNOTATE = "/sessions/{session_id}/annotate"
 #: Move a segment's probability threshold over its last annotate run (no model call).
 ROUTE_THRESHOLD = "/sessions/{session_id}/threshold"
+#: One slice of a segment's last run: its mask and the decoder's other mask outputs, and choose one (no encoder call).
+ROUTE_ALTERNATIVES = "/sessions/{session_id}/alternatives"
 ROUTE_JOB = "/sessions/{session_id}/jobs/{job_id}"
 ROUTE_JOB_RESULT = "/sessions/{session_id}/jobs/{job_id}/result"
 

@@ -15,7 +15,7 @@ threshold of 0.3 lifts 3D Dice on every target (thoracic spine 0.549 -> 0.599 wi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -58,6 +58,13 @@ class SegmentRun:
     slice_thresholds: dict[int, float] = field(default_factory=dict)
     fill_holes: bool = True  # the run's post-processing (AnnotateOptions)
     largest_component: bool = True
+    window: Any = None  # the slices' window and orientation (where alternatives.py decodes its slices again)
+    orientation: Optional[str] = None
+    # Alternative masks (alternatives.py): slice -> (3, rows, cols) uint8 of mask tokens 1..3, the run's own
+    # probabilities of a slice on which an alternative was chosen, and which was chosen (0 = the run's own).
+    alternatives: dict[int, np.ndarray] = field(default_factory=dict)
+    original: dict[int, np.ndarray] = field(default_factory=dict)
+    chosen: dict[int, int] = field(default_factory=dict)
 
     def threshold_of(self, index: int) -> float:
         return self.slice_thresholds.get(index, self.threshold)
@@ -133,6 +140,8 @@ def merge(old: Optional[SegmentRun], new: SegmentRun, only_slice: Optional[int])
         old.probabilities[only_slice] = new.probabilities[only_slice]
         old.boxes[only_slice] = new.boxes[only_slice]
         old.slice_thresholds.pop(only_slice, None)
+        for kept in (old.alternatives, old.original, old.chosen):  # a new box: its alternatives are others
+            kept.pop(only_slice, None)
         old.keyframes = sorted(set(old.keyframes) | {only_slice})
     return old
 

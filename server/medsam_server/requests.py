@@ -23,7 +23,7 @@ from .errors import InputError, shown
 from .geometry import DEFAULT_ORIENTATION, ORIENTATIONS, check_box, check_points, slice_shape
 from .intensity import parse_window
 from .prompts import PromptDocument, check_axis, check_int, check_orientation, no_unknown_keys, parse_prompts
-from .protocol import MASK_THRESHOLD, MAX_BATCH_SIZE, MAX_LABEL, Limits
+from .protocol import ALTERNATIVE_COUNT, MASK_THRESHOLD, MAX_BATCH_SIZE, MAX_LABEL, Limits
 from .refine import check_threshold
 
 INTERPOLATIONS = ("pchip", "linear")
@@ -267,3 +267,21 @@ def parse_threshold_request(raw: Any) -> ThresholdRequest:
     if threshold is None and not per_slice:
         raise InputError("the threshold request moves nothing: give 'threshold' or 'slices'")
     return ThresholdRequest(label, threshold, per_slice)
+
+
+@dataclass(frozen=True)
+class AlternativesRequest:
+    label: int
+    slice: int
+    choose: Optional[int]  # 0 the run's own mask, 1..3 an alternative; None chooses nothing
+
+
+def parse_alternatives_request(raw: Any, size_ijk: Sequence[int]) -> AlternativesRequest:
+    """``{"label": 1, "slice": 12, "choose": 2}``: one slice of the last run's segment, and which mask it keeps."""
+    if not isinstance(raw, dict) or "label" not in raw or "slice" not in raw:
+        raise InputError("an alternatives request is a JSON object with 'label', 'slice' and optionally 'choose'")
+    no_unknown_keys(raw, {"label", "slice", "choose"}, "the alternatives request")
+    choose = raw.get("choose")
+    return AlternativesRequest(check_int(raw["label"], 1, MAX_LABEL, "label"),
+                               check_int(raw["slice"], 0, max(size_ijk) - 1, "slice"),
+                               None if choose is None else check_int(choose, 0, ALTERNATIVE_COUNT - 1, "choose"))

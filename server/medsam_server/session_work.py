@@ -7,6 +7,8 @@
 - ``segment``: boxes (and optional points) on slices -> one mask per box, waiting only
   for the embeddings of those slices (computed at ``PRIORITY_SEGMENT`` if missing);
 - ``threshold``: a segment's kept run at other thresholds (no model call);
+- ``alternatives``: one slice of a kept run, its mask and the decoder's other masks, one of them chosen
+  (``alternative_masks.py``; a decoder call on the cached embedding, no encoder call);
 - prefetch jobs: embed a slice range in the background (lowest priority);
 - annotate jobs: the prompt document run by ``multiview.annotate_multiview`` on the model worker;
   the result is the block of changed slices, already encoded, and each segment's run is kept.
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
-from . import wire
+from . import alternative_masks, wire
 from .annotate import plan, slices_to_decode
 from .embeddings import EmbeddingCache
 from .errors import InputError
@@ -34,8 +36,10 @@ from .multiview import annotate_multiview
 from .protocol import Limits
 from .refine import kept_review, merge, set_thresholds, threshold_answer
 from .requests import (
+    AlternativesRequest,
     SegmentRequest,
     SliceParams,
+    parse_alternatives_request,
     parse_annotate_request,
     parse_prefetch_request,
     parse_segment_request,
@@ -125,6 +129,47 @@ class SessionWork:
                                  "run annotate first (the threshold moves over its probabilities)")
             set_thresholds(run, request.threshold, request.slice_thresholds)
             return threshold_answer(run)
+
+    async def alternatives(self, session: ServerSession, raw: Any,
+                           run: Callable[..., Awaitable]) -> tuple[dict, np.ndarray]:
+        """One slice of a segment's last run: header and its (4, rows, cols) candidate masks, after keeping the
+        one the request chooses. Its alternatives are decoded once (on the worker, from the cached embedding)."""
+        request, box, params = await run(self._alternatives_plan, session, raw)
+        if box is not None:
+            stack = await run(self._stack, session, params, PRIORITY_SEGMENT)
+            embedding = await stack.embeddings_awaited([request.slice])
+            decoded = (await stack.alternatives_awaited(embedding, box[None]))[0]
+        return await run(self._alternatives_choose, session, request, None if box is None else (box, decoded))
+
+    def _alternatives_plan(self, session: ServerSession, raw: Any) -> tuple[AlternativesRequest, Any, SliceParams]:
+        request = parse_alternatives_request(raw, session.size_ijk)
+        with session.lock:
+            kept = self._kept_run(session, request.label)
+            box = alternative_masks.box_to_decode(kept, request.slice)
+            return request, box, SliceParams(kept.axis, kept.window, kept.orientation)
+
+    def _alternatives_choose(self, session: ServerSession, request: AlternativesRequest,
+                             decoded: Optional[tuple]) -> tuple[dict, np.ndarray]:
+        with session.lock:
+            kept = self._kept_run(session, request.label)  # the same run, unless a new one came meanwhile
+            box = alternative_masks.box_to_decode(kept, request.slice)
+            if box is not None:
+                if decoded is None or not np.array_equal(decoded[0], box):
+                    raise InputError(f"segment label {request.label}: its run changed during the request; "
+                                     "ask again")
+                alternative_masks.keep_alternatives(kept, request.slice, decoded[1])
+            if request.choose is not None:
+                alternative_masks.choose(kept, request.slice, request.choose)
+            return alternative_masks.alternatives_answer(kept, request.slice)
+
+    @staticmethod
+    def _kept_run(session: ServerSession, label: int):
+        kept = session.runs.get(label)
+        if kept is None:
+            raise InputError(f"segment label {label} has no annotate run in this session; run annotate first")
+        if kept.window is None:
+            raise InputError(f"segment label {label}: its run does not say which slices it decoded")
+        return kept
 
     def start_prefetch(self, session: ServerSession, raw: Any) -> Job:
         """Embed a slice range in the background; returns the job to poll."""

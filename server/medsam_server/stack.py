@@ -119,6 +119,13 @@ class SliceStack:
         probabilities = await asyncio.wrap_future(decoded)
         return self._masks(probabilities) if run is None else await run(self._masks, probabilities)
 
+    async def alternatives_awaited(self, embeddings: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        """The decoder's other mask outputs for box i on embedding i (``PromptableModel.decode_alternatives``),
+        awaited: (N, 3, rows, cols) float32 probabilities in slice pixels."""
+        view_boxes, view_shape, _ = self.prompts_to_view(boxes)
+        decoded = await asyncio.wrap_future(self.model.alternatives_future(embeddings, view_boxes, view_shape))
+        return np.stack([self.from_view(planes) for planes in decoded])
+
     def prompts_to_view(self, boxes: np.ndarray, points: Optional[np.ndarray] = None) -> tuple:
         """Boxes (N, 4) and points (N, P, 2) in slice pixels -> (view boxes, view (H, W), view points)."""
         view, shape = self.view, self.shape

@@ -60,10 +60,11 @@ class _Decode:
     points: Optional[np.ndarray]  # (N, P, 2) view pixels
     point_labels: Optional[np.ndarray]  # (N, P)
     future: Future = field(default_factory=Future)
+    alternatives: bool = False  # the decoder's other mask outputs (N, 3, H, W), not the model's mask
 
     @property
     def group(self) -> tuple:
-        return (self.image_shape, None if self.points is None else self.points.shape[1])
+        return (self.image_shape, None if self.points is None else self.points.shape[1], self.alternatives)
 
 
 @dataclass
@@ -139,8 +140,9 @@ class ModelWorker:
 
     def decode(self, embeddings: np.ndarray, boxes: np.ndarray, image_shape: tuple[int, int],
                points: Optional[np.ndarray] = None, point_labels: Optional[np.ndarray] = None,
-               owner: str = "") -> Future:
-        """Future of (N, H, W) float32 probabilities; arguments as ``PromptableModel.decode``."""
+               owner: str = "", alternatives: bool = False) -> Future:
+        """Future of (N, H, W) float32 probabilities; arguments as ``PromptableModel.decode`` (``alternatives``:
+        of ``PromptableModel.decode_alternatives``, (N, 3, H, W), boxes only)."""
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         if points is not None:
             points = np.asarray(points, dtype=np.float64).reshape(len(boxes), -1, 2)
@@ -149,7 +151,7 @@ class ModelWorker:
         embeddings, step = np.asarray(embeddings, dtype=np.float32), self.max_decode_batch
         cut = lambda a, n: None if a is None else a[n:n + step]  # noqa: E731 - parts of one batch each
         parts = [_Decode(cut(embeddings, n), cut(boxes, n), tuple(int(s) for s in image_shape), cut(points, n),
-                         cut(point_labels, n)) for n in range(0, len(boxes), step)]
+                         cut(point_labels, n), alternatives=alternatives) for n in range(0, len(boxes), step)]
         for part in parts:
             self._submit(PRIORITY_DECODE, part, owner)
         return parts[0].future if len(parts) == 1 else _gathered([part.future for part in parts])
@@ -277,9 +279,13 @@ class ModelWorker:
             groups.setdefault(item.group, []).append(item)
         for group in groups.values():
             try:
-                probabilities = self.model.decode(_joined(group, "embeddings"), _joined(group, "boxes"),
-                                                  group[0].image_shape, _joined(group, "points"),
-                                                  _joined(group, "point_labels"))
+                if group[0].alternatives:
+                    probabilities = self.model.decode_alternatives(_joined(group, "embeddings"),
+                                                                   _joined(group, "boxes"), group[0].image_shape)
+                else:
+                    probabilities = self.model.decode(_joined(group, "embeddings"), _joined(group, "boxes"),
+                                                      group[0].image_shape, _joined(group, "points"),
+                                                      _joined(group, "point_labels"))
             except Exception as err:  # noqa: BLE001 - one bad request must not fail its batch mates: retry one by one
                 if len(group) == 1:
                     group[0].future.set_exception(err)
@@ -403,3 +409,7 @@ class WorkerModel:
                       points: Optional[np.ndarray] = None, point_labels: Optional[np.ndarray] = None) -> Future:
         """As :meth:`decode`, not waited for: the future of its probabilities."""
         return self.worker.decode(embeddings, boxes, image_shape, points, point_labels, self.owner)
+
+    def alternatives_future(self, embeddings: np.ndarray, boxes: np.ndarray, image_shape: tuple[int, int]) -> Future:
+        """The future of ``PromptableModel.decode_alternatives``' (N, 3, H, W) probabilities, on the decode thread."""
+        return self.worker.decode(embeddings, boxes, image_shape, owner=self.owner, alternatives=True)
