@@ -411,6 +411,19 @@ class MedSAMClient:
         header, masks = self._decode(body, ("uint8",))
         return header, Masks({int(s): masks[n].astype(bool) for n, s in enumerate(header["slices"])})
 
+    def alternatives(self, session: Session, label: int, slice_: int, choose: int | None = None) -> tuple[dict, list]:
+        """One slice of a segment's last annotate run: its own mask and the decoder's other mask outputs
+        (``protocol.ALTERNATIVE_COUNT`` candidates, 0 = the run's own), after the server's run keeps candidate
+        ``choose`` (None: keeps what it holds). Returns the header (axis, slice, ``chosen``, ``review``) and the
+        candidates' (rows, cols) bool masks of that slice, as the run gives each."""
+        request: dict = {"label": int(label), "slice": int(slice_)}
+        if choose is not None:
+            request["choose"] = int(choose)
+        _, _, body = self._request("POST", _path(protocol.ROUTE_ALTERNATIVES, session), _dumps(request),
+                                   protocol.JSON_TYPE, session=session, what="the alternatives request")
+        header, masks = self._decode(body, ("uint8",))
+        return header, [mask.astype(bool) for mask in masks]
+
     def annotate(self, session: Session, document: dict, existing: np.ndarray | None = None,
                  progress: Callable[[int, int], Any] | None = None, cancel: threading.Event | None = None,
                  **options: Any) -> tuple[tuple[int, int, int], np.ndarray, dict]:

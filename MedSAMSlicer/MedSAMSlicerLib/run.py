@@ -18,6 +18,7 @@ import numpy as np
 
 from .client import UnknownSession  # SessionLost (410) is one
 from .errors import InputError
+from .protocol import ALTERNATIVE_COUNT
 from .geometry import VolumeArray, slice_index, volume_array
 from .keyframes import flatten_roi, keyframe_nodes, line_keyframe, prompt_document, roi_keyframe, slicing_axis
 from .segments import AppliedRun, apply_labels, edited_slices, find_segment, segment_array
@@ -198,6 +199,30 @@ def apply_threshold(client, session, volume_node, segmentation_node, segment_id:
     applied = apply_labels(volume_node, segmentation_node, segment_id, tuple(offset), block, label=1, axis=axis,
                            locked_slices=gaps, save_undo_state=save_undo_state)
     return applied, header
+
+
+def cycle_alternative(client, session, volume_node, segmentation_node, segment_id: str, slice_: int, label: int = 1,
+                      save_undo_state: Callable[[], Any] | None = None) -> tuple[AppliedRun, dict]:
+    """Write the next of a slice's masks (the model's, then the decoder's alternatives 1..3, then the model's
+    again) as one undo step (main thread: it writes MRML). The server's kept run keeps the choice, so a later
+    threshold moves the chosen mask. Returns what was written and the header (``chosen``, ``review``)."""
+    header, _ = client.alternatives(session, label, slice_)
+    header, masks = client.alternatives(session, label, slice_, (int(header["chosen"]) + 1) % ALTERNATIVE_COUNT)
+    return write_slice(volume_node, segmentation_node, segment_id, int(header["axis"]), int(slice_),
+                       masks[int(header["chosen"])], save_undo_state), header
+
+
+def write_slice(volume_node, segmentation_node, segment_id: str, axis: int, slice_: int, mask: np.ndarray,
+                save_undo_state: Callable[[], Any] | None = None) -> AppliedRun:
+    """Replace one slice of a segment by a (rows, cols) mask in slice pixels, as one undo step."""
+    block_shape = list(reversed(volume_node.GetImageData().GetDimensions()))
+    block_shape[2 - axis] = 1
+    block = np.zeros(block_shape, dtype=np.uint8)
+    block[slice_index(axis, 0)] = mask
+    offset = [0, 0, 0]
+    offset[axis] = slice_
+    return apply_labels(volume_node, segmentation_node, segment_id, tuple(offset), block, label=1, axis=axis,
+                        save_undo_state=save_undo_state)
 
 
 def run_segmentation(client, volume_node, segmentation_node, segment_id: str, *, roi_nodes=None, line_nodes=None,
