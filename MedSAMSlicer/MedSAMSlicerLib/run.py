@@ -18,9 +18,9 @@ import numpy as np
 
 from .client import UnknownSession  # SessionLost (410) is one
 from .errors import InputError
-from .protocol import ALTERNATIVE_COUNT
 from .geometry import VolumeArray, slice_index, volume_array
 from .keyframes import flatten_roi, keyframe_nodes, line_keyframe, prompt_document, roi_keyframe, slicing_axis
+from .protocol import ALTERNATIVE_COUNT
 from .segments import AppliedRun, apply_labels, edited_slices, find_segment, segment_array
 
 

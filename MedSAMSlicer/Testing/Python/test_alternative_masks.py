@@ -22,9 +22,10 @@ def test_cycling_a_slice_writes_it_alone_one_undo_step_each_and_comes_back(scene
     others = [k for k in range(before.shape[0]) if k != SLICE]
     seen = [before[SLICE]]
     for step in range(1, protocol.ALTERNATIVE_COUNT + 1):
-        undo_steps = []
+        undo_steps: list = []
         applied, header = run.cycle_alternative(client, result.session, ct_volume, segmentation_node, segment_id,
-                                                SLICE, label=1, save_undo_state=lambda: undo_steps.append(1))
+                                                SLICE, label=1,
+                                                save_undo_state=lambda steps=undo_steps: steps.append(1))
         after = segments.segment_array(segmentation_node, segment_id, ct_volume)
         assert header["chosen"] == step % protocol.ALTERNATIVE_COUNT and header["slice"] == SLICE
         assert applied.changed_slices == [SLICE] and undo_steps == [1]
