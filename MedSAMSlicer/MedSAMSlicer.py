@@ -46,6 +46,8 @@ from MedSAMSlicerLib import (
 
 SETTINGS = "MedSAMSlicer/"
 ADD_BOX_SHORTCUT = "Ctrl+B"
+#: Cycle the red view's slice through the model's mask and the decoder's alternatives (run.cycle_alternative).
+NEXT_MASK_SHORTCUT = "Ctrl+Shift+N"
 POLL_MS = 100
 
 
@@ -146,6 +148,7 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._recorder = None
         self._placing = None  # (markups node, kind) while the user draws a keyframe
         self._shortcut = None
+        self._nextMaskShortcut = None
         self._keyframeObserver = None
         self._lastRun = None  # (request, result) of the last run written: the threshold moves over it
         self._review = None  # review.ReviewState of that run
@@ -196,6 +199,7 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.reviewTable.connect("cellClicked(int,int)", lambda row, column: self.onReviewRowClicked(row))
         ui.thresholdSlider.connect("valueChanged(double)", self.onThresholdChanged)
         ui.reboxButton.connect("clicked()", lambda: self.onSegment(rebox=True))
+        ui.nextMaskButton.connect("clicked()", self.onNextMask)
         ui.localServerRadioButton.connect("toggled(bool)", self.onServerModeChanged)
         ui.serverUrlLineEdit.connect("editingFinished()", self._saveServerSettings)
         ui.serverTokenLineEdit.connect("editingFinished()", self._saveServerSettings)
@@ -211,6 +215,10 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                       slicer.util.mainWindow())
         self._shortcut.setEnabled(False)  # only while the module is shown (enter/exit)
         self._shortcut.connect("activated()", self.onAddBox)
+        self._nextMaskShortcut = qt.QShortcut(qt.QKeySequence(settingsValue("NextMaskShortcut", NEXT_MASK_SHORTCUT)),
+                                              slicer.util.mainWindow())
+        self._nextMaskShortcut.setEnabled(False)
+        self._nextMaskShortcut.connect("activated()", self.onNextMask)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         slicer.app.connect("aboutToQuit()", self._stopLocalServer)  # a quitting Slicer takes its server along
 
@@ -222,6 +230,7 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self):
         """Shortcut, markup and interaction observers act only while the module is shown."""
         self._shortcut.setEnabled(True)
+        self._nextMaskShortcut.setEnabled(True)
         self._keyframeObserver.start()
         interactionNode = slicer.app.applicationLogic().GetInteractionNode()
         if not self.hasObserver(interactionNode, interactionNode.InteractionModeChangedEvent,
@@ -236,6 +245,7 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._placing = None
             self._keyframePlaced(node, kind=None)  # no short axis to follow a long one: the user left
         self._shortcut.setEnabled(False)
+        self._nextMaskShortcut.setEnabled(False)
         self._keyframeObserver.stop()
         interactionNode = slicer.app.applicationLogic().GetInteractionNode()
         self.removeObserver(interactionNode, interactionNode.InteractionModeChangedEvent,
@@ -253,6 +263,9 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._shortcut is not None:
             self._shortcut.setParent(None)
             self._shortcut = None
+        if self._nextMaskShortcut is not None:
+            self._nextMaskShortcut.setParent(None)
+            self._nextMaskShortcut = None
         self._stopLocalServer()
         if self._recorder is not None and not self._recorder.finished:
             self._recorder.close()  # the running phase is not recorded; finished lines stay
@@ -816,6 +829,35 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = f"Threshold {value:.2f}: {len(applied.changed_slices)} slice(s) changed."
         self._showReview()
 
+    def onNextMask(self):
+        """Cycle the red view's slice of the last run through the model's mask and the decoder's three
+        alternatives (no encoder call, one undo step each; the server's run keeps the choice)."""
+        if self._lastRun is None or self._busy is not None:
+            return
+        request, result = self._lastRun
+        with slicer.util.tryWithErrorDisplay("Could not show the next mask.", waitCursor=True):
+            volumeNode, segmentationNode = self._lastRunNodes()
+            index = geometry.view_slice(self._redSliceNode(), volumeNode, request.axis)
+            if index is None:
+                raise ValueError("Show one slice of the run in the red view to cycle its masks.")
+            _, connect = self._connector()
+            client = connect(threading.Event())
+            label = int(request.document["segments"][0]["label"])
+
+            def saveUndoState():
+                editor = showInSegmentEditor(volumeNode, segmentationNode, request.segment_id)
+                if editor is not None:
+                    editor.saveStateForUndo()
+
+            _, header = run.cycle_alternative(client, result.session, volumeNode, segmentationNode,
+                                              request.segment_id, index, label, saveUndoState)
+            if self._review is not None and header.get("review"):
+                self._review.rerank(header["review"])
+            chosen = int(header["chosen"])
+            self.ui.statusLabel.text = (f"Slice {index}: " + ("the model's mask" if chosen == 0 else
+                                        f"alternative {chosen} of {protocol.ALTERNATIVE_COUNT - 1}") + ".")
+        self._showReview()
+
     def _updateButtons(self):
         ui = self.ui
         busy = self._busy is not None
@@ -832,6 +874,7 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.reboxButton.enabled = haveVolume and haveKeyframes and not busy
         ui.thresholdSlider.enabled = self._lastRun is not None and not busy
         ui.sliceThresholdCheckBox.enabled = self._lastRun is not None and not busy
+        ui.nextMaskButton.enabled = self._lastRun is not None and not busy
         # the server controls stay put while an install, a probe or a run uses them
         ui.testConnectionButton.enabled = not busy
         ui.modelComboBox.enabled = not busy
