@@ -145,3 +145,27 @@ def test_opencv_upscale_matches_torch_bilinear(litemedsam, shape):
     assert got.shape == (1, *shape) and got.dtype == np.float32
     assert np.abs(got - expected).max() < 1e-4
     assert dice(got > 0.5, expected > 0.5) >= 0.999
+
+
+def test_sigmoid_in_place_matches_expit_and_keeps_the_masks():
+    """The post-processing's OpenCV sigmoid against scipy's ``expit`` (what it replaced), extremes and NaN included."""
+    import cv2
+    from scipy.special import expit
+
+    from medsam_server.models.litemedsam import _resized_shape, logits_to_probabilities, sigmoid_in_place
+
+    logits = (np.random.default_rng(0).standard_normal((2, 1, 256, 256)) * 10).astype(np.float32)
+    logits[0, 0, 0, :5] = [1000.0, -1000.0, 0.0, 88.0, np.nan]
+    for shape in [(512, 512), (300, 520), (128, 128), (1, 5)]:
+        rows, cols = _resized_shape(shape)
+        resized = np.stack([cv2.resize(p, shape[::-1], interpolation=cv2.INTER_LINEAR)
+                            for p in logits[:, 0, :rows, :cols]])
+        expected = expit(resized)
+        got = logits_to_probabilities(logits, shape)
+        assert got.shape == expected.shape and got.dtype == np.float32
+        assert np.array_equal(np.isnan(got), np.isnan(expected))
+        assert np.nanmax(np.abs(got - expected)) < 1e-6
+        assert np.array_equal(got > 0.5, expected > 0.5)
+    values = np.array([1000.0, -1000.0, 0.0, 3.0], dtype=np.float32)
+    assert sigmoid_in_place(values) is values
+    assert np.abs(values - expit(np.array([1000.0, -1000.0, 0.0, 3.0], dtype=np.float32))).max() < 1e-6

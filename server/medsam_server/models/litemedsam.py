@@ -18,7 +18,6 @@ from typing import Optional
 
 import cv2
 import numpy as np
-from scipy.special import expit
 
 from .base import Recipe, min_max, three_channels
 from .checkpoints import load_state_dict, verify_sha256
@@ -59,15 +58,29 @@ def logits_to_probabilities(logits: np.ndarray, shape: tuple[int, int]) -> np.nd
 
     OpenCV's bilinear resize samples at pixel centres as ``F.interpolate(..., align_corners=False)``
     does, in a fraction of the time (torch's op costs tens of ms on a busy 2-core CPU; the masks are
-    the same, see test_onnx), so the cached-slice path needs no torch.
+    the same, see test_onnx), so the cached-slice path needs no torch. Each plane is resized straight
+    into the output and the sigmoid is computed in place (:func:`sigmoid_in_place`).
     """
     new_rows, new_cols = _resized_shape(shape)
     cropped = np.asarray(logits, dtype=np.float32)[:, 0, :new_rows, :new_cols]
     rows, cols = shape
     out = np.empty((len(cropped), rows, cols), dtype=np.float32)
     for n, plane in enumerate(cropped):
-        out[n] = cv2.resize(plane, (cols, rows), interpolation=cv2.INTER_LINEAR)
-    return expit(out, out=out)
+        cv2.resize(plane, (cols, rows), dst=out[n], interpolation=cv2.INTER_LINEAR)
+    return sigmoid_in_place(out)
+
+
+def sigmoid_in_place(x: np.ndarray) -> np.ndarray:
+    """``1 / (1 + exp(-x))`` of a C-contiguous float32 array, in place; returns ``x``.
+
+    OpenCV's vectorised exp: a 512x512 plane in about 0.25 ms against 1.3 ms for scipy's ``expit``
+    (bench/speed.py's cached-slice box); the values agree with ``expit`` within 2e-7.
+    """
+    np.negative(x, out=x)
+    flat = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)  # a 2D view: cv2 sees one channel
+    cv2.exp(flat, dst=flat)
+    x += np.float32(1)
+    return np.reciprocal(x, out=x)
 
 
 RECIPE = Recipe("litemedsam", INPUT_SIZE, image_to_input, pixel_scale, logits_to_probabilities)
