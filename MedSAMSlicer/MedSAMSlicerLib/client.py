@@ -32,9 +32,8 @@ session, delete, cancel, job status) ``CONTROL_TIMEOUT`` s to answer, a long pol
 at most the client's ``timeout``, and an annotate job's finished result ``RESULT_TIMEOUT``. A read
 timeout is the longest silence allowed, so a large answer that keeps arriving never times out.
 
-The binary envelope is coded here a second time (``medsam_server.wire`` is the
-reference; Slicer has no ``medsam_server``); the server's tests check both ways. Routes and
-constants come from ``protocol``, the client's copy of the server's.
+The binary envelope is ``envelope`` (the Lib's copy of ``medsam_server.wire``); the errors live in
+``errors``; routes and constants come from ``protocol``, the client's copy of the server's.
 """
 
 from __future__ import annotations
@@ -43,13 +42,11 @@ import http.client
 import json
 import math
 import socket
-import struct
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,18 +54,22 @@ from typing import Any
 import numpy as np
 
 from . import protocol
-from .protocol import (
-    API_VERSION,
-    API_VERSION_HEADER,
-    ENVELOPE_TYPE,
-    IMAGE_DTYPES,
-    LABEL_DTYPES,
-    MAGIC,
-    SESSION_KEY_HEADER,
+from .envelope import decode_envelope, encode_envelope, wire_array
+from .errors import (
+    AuthError,
+    Cancelled,
+    MedSAMClientError,
+    RequestTooLarge,
+    ServerBusy,
+    ServerError,
+    ServerNotRunning,
+    SessionLost,
+    UnknownSession,
+    VersionMismatch,
 )
+from .protocol import API_VERSION, API_VERSION_HEADER, ENVELOPE_TYPE, LABEL_DTYPES, SESSION_KEY_HEADER
 
 DEFAULT_URL = "http://127.0.0.1:8765"
-MAX_RESPONSE_BYTES = 4 << 30  # an answer larger than this is not one of ours
 CONNECT_TIMEOUT = 3.0  # seconds to open a connection: a loopback or LAN server connects in milliseconds
 CONTROL_TIMEOUT = 10.0  # seconds a control call (no model work) may take to answer
 CANCEL_TIMEOUT = 5.0  # a cancel, often sent on an error path, must not hold up the error
@@ -77,58 +78,6 @@ UPLOAD_MIN_RATE = 5 << 20  # bytes/s an upload is allowed at the slowest, on top
 SEGMENT_BASE_TIMEOUT = 30.0  # a segment on cached slices answers in milliseconds; this covers a busy queue
 SEGMENT_SLICE_TIMEOUT = 15.0  # per slice a segment names: one encoder run (MedSAM ViT-B on a CPU: seconds)
 RESULT_TIMEOUT = 30.0  # an annotate job's result is ready when it is fetched: no model work left
-
-
-class MedSAMClientError(RuntimeError):
-    """Base of every error this client raises; the message says what to do."""
-
-
-class ServerNotRunning(MedSAMClientError):
-    """The server cannot be reached, stopped answering, or dropped the connection."""
-
-
-class AuthError(MedSAMClientError):
-    """No token, or the wrong one."""
-
-
-class VersionMismatch(MedSAMClientError):
-    """Client and server speak different API versions."""
-
-
-class RequestTooLarge(MedSAMClientError):
-    """The request is over the server's limits (``medsam serve --max-upload-mb``)."""
-
-
-class Cancelled(MedSAMClientError):
-    """The caller cancelled; nothing was returned."""
-
-
-class ServerError(MedSAMClientError):
-    """The server refused or failed a request; ``status`` and ``code`` say how."""
-
-    def __init__(self, status: int, message: str, code: str = ""):
-        super().__init__(f"server error {status}: {message}")
-        self.status, self.code, self.server_message = status, code, message
-
-
-class UnknownSession(ServerError):
-    """The session expired, was deleted, or belongs to someone else: upload the volume again."""
-
-
-class SessionLost(UnknownSession):
-    """The server lost this session (410 ``session_lost``: the replica holding it stopped): upload again."""
-
-    def __init__(self, status: int, message: str, code: str = "session_lost"):
-        super().__init__(status, message, code)
-        self.args = (f"the server lost this session: upload again ({message})",)
-
-
-class ServerBusy(ServerError):
-    """429 ``busy``: the server's message says what to free or wait for, and is shown as it is."""
-
-    def __init__(self, status: int, message: str, code: str = "busy"):
-        super().__init__(status, message, code)
-        self.args = (message,)
 
 
 @dataclass(frozen=True)
@@ -148,67 +97,6 @@ class Masks(dict):
     def __init__(self, masks=(), notes=()):
         super().__init__(masks)
         self.notes = list(notes)
-
-
-# ------------------------------------------------------------------ the envelope (see medsam_server.wire)
-
-
-def encode_envelope(header: dict, array: np.ndarray | None = None, level: int = 1) -> bytes:
-    """MAGIC | uint32 big-endian JSON length | JSON header | zlib(raw little-endian C-order bytes)."""
-    header = dict(header)
-    payload = b""
-    if array is not None:
-        array = np.asarray(array)
-        little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-        header["array"] = {**header.get("array", {}), "dtype": array.dtype.name, "shape": list(array.shape),
-                           "compression": "zlib"}
-        payload = zlib.compress(little.data, level)
-    text = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
-    return MAGIC + struct.pack(">I", len(text)) + text + payload
-
-
-def decode_envelope(body: bytes, dtypes: Sequence[str] = IMAGE_DTYPES) -> tuple[dict, np.ndarray | None]:
-    """Envelope bytes -> (header, array or None); ValueError if they break the format."""
-    if len(body) < 8 or body[:4] != MAGIC:
-        raise ValueError("the answer is not a MedSAM array envelope")
-    (length,) = struct.unpack(">I", body[4:8])
-    if len(body) < 8 + length:
-        raise ValueError("the answer is truncated")
-    header = json.loads(body[8:8 + length].decode("utf-8"))
-    meta = header.get("array") if isinstance(header, dict) else None
-    if meta is None:
-        return header, None
-    if meta.get("dtype") not in dtypes or meta.get("compression", "zlib") not in ("zlib", "gzip"):
-        raise ValueError(f"unexpected array {meta.get('dtype')!r} / {meta.get('compression')!r} in the answer")
-    shape = tuple(int(n) for n in meta["shape"])
-    dtype = np.dtype(meta["dtype"]).newbyteorder("<")
-    expected = math.prod(shape) * dtype.itemsize
-    if any(n < 0 for n in shape) or expected > MAX_RESPONSE_BYTES:
-        raise ValueError(f"the answer declares an impossible shape {shape}")
-    decompressor = zlib.decompressobj(wbits=31 if meta.get("compression") == "gzip" else 15)
-    data = decompressor.decompress(body[8 + length:], expected + 1)  # never more than declared (+1 to notice)
-    if len(data) != expected or not decompressor.eof or decompressor.unused_data:
-        raise ValueError(f"the answer's data does not match its declared shape {shape} of {meta['dtype']}")
-    array = np.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
-    return header, array.astype(dtype.newbyteorder("="), copy=False)
-
-
-def wire_array(array: np.ndarray) -> np.ndarray:
-    """A volume in a dtype the server accepts: exact conversions only (bool, wide ints that fit, float16)."""
-    array = np.asarray(array)
-    if array.dtype.name in IMAGE_DTYPES:
-        return array
-    if array.dtype == np.bool_:
-        return array.astype(np.uint8)
-    if array.dtype == np.float16:
-        return array.astype(np.float32)
-    if np.issubdtype(array.dtype, np.integer) and array.size:
-        low, high = int(array.min()), int(array.max())
-        for name in ("uint8", "int16", "uint16", "int32"):
-            info = np.iinfo(name)
-            if info.min <= low and high <= info.max:
-                return array.astype(name)
-    raise ValueError(f"a volume of {array.dtype} cannot be sent as is; the server takes {', '.join(IMAGE_DTYPES)}")
 
 
 # ------------------------------------------------------------------ the client

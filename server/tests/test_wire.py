@@ -17,7 +17,9 @@ from medsam_server.api import status_for
 from medsam_server.errors import WireError
 from server_harness import load_client_module
 
-client = load_client_module()
+load_client_module()  # puts MedSAMSlicerLib on the path, as Slicer does
+from MedSAMSlicerLib import envelope as client  # noqa: E402  (the Lib's copy of the codec)
+
 LIMITS = protocol.Limits(max_decompressed_bytes=64 * protocol.MiB)
 
 
