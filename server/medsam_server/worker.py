@@ -35,7 +35,7 @@ import logging
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Sequence
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -43,6 +43,7 @@ import numpy as np
 
 from .embeddings import EmbeddingCache, EmbedResult, SliceKey, ViewSlice, embed_steps
 from .errors import Busy, Cancelled
+from .futures import gathered, settle
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class ModelWorker:
                          cut(point_labels, n), alternatives=alternatives) for n in range(0, len(boxes), step)]
         for part in parts:
             self._submit(PRIORITY_DECODE, part, owner)
-        return parts[0].future if len(parts) == 1 else _gathered([part.future for part in parts])
+        return parts[0].future if len(parts) == 1 else gathered([part.future for part in parts])
 
     def embed(self, keys: Sequence[SliceKey], view_slice: ViewSlice, priority: int = PRIORITY_SEGMENT,
               progress: Optional[Callable[[int], None]] = None, should_stop: Optional[Callable[[], bool]] = None,
@@ -269,9 +270,9 @@ class ModelWorker:
                 for item in batch or [entry[2]]:
                     with self._condition:
                         self._release(item)
-                    _settle(item.future, error=err)
+                    settle(item.future, error=err)
         for item in pending:
-            _settle(item.future, error=Cancelled("the server is shutting down"))
+            settle(item.future, error=Cancelled("the server is shutting down"))
 
     def _decode(self, items: list[_Decode]) -> None:
         groups: dict[tuple, list[_Decode]] = {}
@@ -295,7 +296,7 @@ class ModelWorker:
                 continue
             start = 0
             for item in group:
-                _settle(item.future, probabilities[start:start + len(item.boxes)])
+                settle(item.future, probabilities[start:start + len(item.boxes)])
                 start += len(item.boxes)
             with self._condition:
                 self._stats["decode_calls"] += 1
@@ -314,46 +315,10 @@ class ModelWorker:
             with self._condition:
                 self._stats["cache_reused_slices"] += done.value[1]
                 self._release(item)
-            _settle(item.future, done.value)
+            settle(item.future, done.value)
             return
         with self._condition:  # first in its owner's line again, the owner behind the others
             self._queues[priority].setdefault(owner, deque()).appendleft(item)
-
-
-def _settle(future: Future, result: Any = None, error: Optional[BaseException] = None) -> None:
-    """Set a future's outcome unless it was cancelled meanwhile (by a client that went away)."""
-    try:
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-    except InvalidStateError:
-        pass
-
-
-def _gathered(parts: list[Future]) -> Future:
-    """One future of the parts' results joined along the first axis; cancelling it cancels the parts."""
-    whole: Future = Future()
-    lock = threading.Lock()
-
-    def settled(_: Future) -> None:
-        with lock:
-            failed = next((p for p in parts if p.done() and not p.cancelled() and p.exception() is not None), None)
-            if whole.done() or (failed is None and not all(p.done() for p in parts)):
-                return
-            if failed is None and not any(p.cancelled() for p in parts):
-                return _settle(whole, np.concatenate([p.result() for p in parts]))
-            if failed is None:
-                whole.cancel()
-            else:
-                _settle(whole, error=failed.exception())
-        for part in parts:  # failed or cancelled: the other parts are not needed
-            part.cancel()
-
-    whole.add_done_callback(lambda _: [part.cancel() for part in parts] if whole.cancelled() else None)
-    for part in parts:
-        part.add_done_callback(settled)
-    return whole
 
 
 def _joined(group: list[_Decode], name: str) -> Optional[np.ndarray]:
