@@ -32,6 +32,16 @@ class PromptedMaskDecoder(nn.Module):
         self.mask_decoder = mask_decoder
 
     def forward(self, embeddings: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        hs, upscaled = self.decode_tokens(embeddings, coords, labels)
+        first_mask_token = hs[:, 1, :]  # multimask_output=False: MedSAM uses mask token 0 only
+        hyper = self.mask_decoder.output_hypernetworks_mlps[0](first_mask_token)  # (N, C')
+        b, c, h, w = upscaled.shape
+        return (hyper.unsqueeze(1) @ upscaled.reshape(b, c, h * w)).reshape(b, 1, h, w)
+
+    def decode_tokens(self, embeddings: torch.Tensor, coords: torch.Tensor,
+                      labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two-way transformer over (embedding i, prompt i): output tokens (N, 1 + 4 + K, 256), hs[:, 0] the
+        IoU token and hs[:, 1 + t] mask token t, and the upscaled image features (N, C', 256, 256)."""
         pe = self.prompt_encoder
         dec = self.mask_decoder
         n = embeddings.shape[0]
@@ -48,11 +58,7 @@ class PromptedMaskDecoder(nn.Module):
         pos_src = pe.get_dense_pe().expand(n, -1, -1, -1)
         b, c, h, w = src.shape
         hs, src = dec.transformer(src, pos_src, tokens)
-        first_mask_token = hs[:, 1, :]  # multimask_output=False: MedSAM uses mask token 0 only
-        upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
-        hyper = dec.output_hypernetworks_mlps[0](first_mask_token)  # (N, C')
-        b, c, h, w = upscaled.shape
-        return (hyper.unsqueeze(1) @ upscaled.reshape(b, c, h * w)).reshape(b, 1, h, w)
+        return hs, dec.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
 
 
 class AlternativeMaskDecoder(PromptedMaskDecoder):
@@ -70,24 +76,9 @@ class AlternativeMaskDecoder(PromptedMaskDecoder):
         self.tokens = tuple(int(t) for t in tokens)
 
     def forward(self, embeddings: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        pe = self.prompt_encoder
+        hs, upscaled = self.decode_tokens(embeddings, coords, labels)
+        # mask token t is hs[:, 1 + t], with its own hypernetwork (upstream predict_masks)
         dec = self.mask_decoder
-        n = embeddings.shape[0]
-        sparse = pe.pe_layer.forward_with_coords(coords + 0.5, pe.input_image_size)  # (N, K, 256)
-        lab = labels.unsqueeze(-1)
-        sparse = torch.where(lab == LABEL_PAD, pe.not_a_point_embed.weight.reshape(1, 1, -1), sparse)
-        for label in (LABEL_BACKGROUND, LABEL_FOREGROUND, LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT):
-            sparse = sparse + (lab == label).to(sparse.dtype) * pe.point_embeddings[label].weight.reshape(1, 1, -1)
-        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, *embeddings.shape[-2:])
-
-        output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
-        tokens = torch.cat([output_tokens.unsqueeze(0).expand(n, -1, -1), sparse], dim=1)
-        src = embeddings + dense
-        pos_src = pe.get_dense_pe().expand(n, -1, -1, -1)
-        b, c, h, w = src.shape
-        hs, src = dec.transformer(src, pos_src, tokens)
-        upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
-        # hs[:, 0] is the IoU token; mask token t is hs[:, 1 + t] with its own hypernetwork (upstream predict_masks)
         hyper = torch.stack([dec.output_hypernetworks_mlps[t](hs[:, 1 + t, :]) for t in self.tokens], dim=1)
         b, c, h, w = upscaled.shape
         return (hyper @ upscaled.reshape(b, c, h * w)).reshape(b, len(self.tokens), h, w)
