@@ -32,6 +32,7 @@ the engine (``SliceStack``, ``annotate``) uses, so the engine runs unchanged on 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Sequence
@@ -51,6 +52,8 @@ PRIORITY_DECODE, PRIORITY_SEGMENT, PRIORITY_ANNOTATE, PRIORITY_PREFETCH = 0, 1, 
 PRIORITIES = (PRIORITY_DECODE, PRIORITY_SEGMENT, PRIORITY_ANNOTATE, PRIORITY_PREFETCH)
 #: Slices one owner's segment requests may have waiting for the encoder at once.
 MAX_WAITING_SLICES = 64
+#: The encoder thread's nice value (Linux): a decode (a box on a cached slice) goes first on a busy CPU.
+ENCODER_NICE = 10
 
 
 @dataclass
@@ -249,6 +252,8 @@ class ModelWorker:
         return batch, None
 
     def _run(self, decoding: bool) -> None:
+        if not decoding:
+            _yield_cpu_to_decoding(self.model)
         while True:
             with self._condition:
                 while not self._has_work(decoding) and not self._stopping:
@@ -327,6 +332,22 @@ def _joined(group: list[_Decode], name: str) -> Optional[np.ndarray]:
     if parts[0] is None:
         return None
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _yield_cpu_to_decoding(model: Any) -> None:
+    """Run the encoder (this thread and its runtime's pool) at a lower CPU priority than the decoder.
+
+    On a small CPU someone's encoding and another user's box on a cached slice compete for the
+    same cores; at an equal priority the box's decode ran at a fraction of its idle speed.
+    Linux only (a thread's nice value is its own there, and threads it starts inherit it).
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), ENCODER_NICE)
+    except (AttributeError, OSError):  # not Linux, or not allowed: both run at one priority
+        return
+    reopen = getattr(getattr(model, "runtime", None), "open_encoder_here", None)
+    if reopen is not None:
+        reopen()  # ONNX Runtime's intra-op threads start from this thread and inherit its priority
 
 
 class WorkerModel:

@@ -124,12 +124,23 @@ class OnnxRuntime:
         providers, self.device = _providers(device)
         self.providers, self.threads = providers, threads
         self.alternatives = None  # alternatives.OnnxAlternatives, set by onnx_runtime
+        self.encoder_path = Path(encoder_path)
         try:
             self.encoder = ort.InferenceSession(str(encoder_path), session_options(threads), providers=providers)
             self.decoder = ort.InferenceSession(str(decoder_path), session_options(threads), providers=providers)
         except Exception as err:  # onnxruntime raises its own types for a damaged graph
             raise InputError(f"cannot load the ONNX graphs in {Path(encoder_path).parent} ({err}); "
                              f"delete that folder to export them again") from None
+
+    def open_encoder_here(self) -> None:
+        """Open the encoder session again from the calling thread, whose priority its intra-op threads inherit.
+
+        The server's encoder thread calls it after lowering its own priority (``worker.py``).
+        """
+        import onnxruntime as ort
+
+        self.encoder = ort.InferenceSession(str(self.encoder_path), session_options(self.threads),
+                                            providers=self.providers)
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         """(N, 3, S, S) float32 model input -> (N, 256, 64, 64) float32 embeddings."""
