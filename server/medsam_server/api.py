@@ -78,6 +78,7 @@ from .protocol import (
     SESSION_KEY_HEADER,
     Limits,
 )
+from .requests import check_existing_shape
 
 log = logging.getLogger("medsam_server")
 
@@ -288,22 +289,29 @@ async def delete(session_id: str, request: Request, owner: str = Depends(caller)
     return Response(status_code=204)
 
 
-@router.post(ROUTE_SEGMENT)
-async def segment(session_id: str, request: Request, owner: str = Depends(caller)):
+async def _json_on_session(request: Request, session_id: str, owner: str) -> tuple:
+    """(server, the caller's session, the request's JSON body) of a route on one session."""
     server = _server(request)
     session = _session(request, session_id, owner)
-    raw = await read_json(server, request, server.settings.limits)
+    return server, session, await read_json(server, request, server.settings.limits)
+
+
+async def _masks_response(server, header: dict, masks) -> Response:
+    return envelope_response(await server.run(wire.encode, header, masks.astype(MASK_DTYPE)))
+
+
+@router.post(ROUTE_SEGMENT)
+async def segment(session_id: str, request: Request, owner: str = Depends(caller)):
+    server, session, raw = await _json_on_session(request, session_id, owner)
     segment_request, masks = await unless_disconnected(request, server.sessions.segment(session, raw, server.run))
     header = {"axis": segment_request.params.axis, "slices": [e.slice for e in segment_request.entries],
               "notes": segment_request.notes}
-    return envelope_response(await server.run(wire.encode, header, masks.astype(MASK_DTYPE)))
+    return await _masks_response(server, header, masks)
 
 
 @router.post(ROUTE_THRESHOLD)
 async def threshold(session_id: str, request: Request, owner: str = Depends(caller)):
-    server = _server(request)
-    session = _session(request, session_id, owner)
-    raw = await read_json(server, request, server.settings.limits)
+    server, session, raw = await _json_on_session(request, session_id, owner)
 
     def masks_envelope() -> bytes:  # one trip off the event loop: threshold and encode
         header, masks = server.sessions.threshold(session, raw)
@@ -314,18 +322,14 @@ async def threshold(session_id: str, request: Request, owner: str = Depends(call
 
 @router.post(ROUTE_ALTERNATIVES)
 async def alternatives(session_id: str, request: Request, owner: str = Depends(caller)):
-    server = _server(request)
-    session = _session(request, session_id, owner)
-    raw = await read_json(server, request, server.settings.limits)
+    server, session, raw = await _json_on_session(request, session_id, owner)
     header, masks = await unless_disconnected(request, server.sessions.alternatives(session, raw, server.run))
-    return envelope_response(await server.run(wire.encode, header, masks.astype(MASK_DTYPE)))
+    return await _masks_response(server, header, masks)
 
 
 @router.post(ROUTE_PREFETCH, status_code=202)
 async def prefetch(session_id: str, request: Request, owner: str = Depends(caller)):
-    server = _server(request)
-    session = _session(request, session_id, owner)
-    raw = await read_json(server, request, server.settings.limits)
+    server, session, raw = await _json_on_session(request, session_id, owner)
     return job_status_body(await server.run(server.sessions.start_prefetch, session, raw))
 
 
@@ -351,13 +355,13 @@ async def annotate(session_id: str, request: Request, owner: str = Depends(calle
 
 def existing_size(body: bytes, limits: Limits, volume_shape: tuple) -> int:
     """Bytes an annotate request's existing labelmap decodes to, read from its header; refused before decoding
-    unless it could be the session's volume's labelmap (its (k, j, i) shape, uint8 or uint16)."""
-    declared = wire.declared_bytes(body, limits, LABEL_DTYPES, False)
-    largest = math.prod(volume_shape) * 2
-    if declared > largest:
-        raise InputError(f"the existing labelmap declares {declared} bytes; a labelmap of the session's volume "
-                         f"{list(volume_shape)} (k, j, i) takes at most {largest} (uint16)")
-    return declared
+    unless it is a labelmap of the session's volume (its (k, j, i) shape)."""
+    declared = wire.declared_array(body, limits, LABEL_DTYPES, False)
+    if declared is None:
+        return 0
+    dtype, shape = declared
+    check_existing_shape(shape, volume_shape)
+    return math.prod(shape) * dtype.itemsize
 
 
 @router.get(ROUTE_JOB)

@@ -235,11 +235,15 @@ def parse_annotate_request(header: Any, size_ijk: Sequence[int],
                          "'The command line')")
     prompts = parse_prompts(header["document"], size_ijk)
     options = parse_options(header.get("options", {}), size_ijk[prompts.axis])
-    volume_shape = (size_ijk[2], size_ijk[1], size_ijk[0])
-    if existing_shape is not None and tuple(existing_shape) != volume_shape:
+    check_existing_shape(existing_shape, (size_ijk[2], size_ijk[1], size_ijk[0]))
+    return prompts, options
+
+
+def check_existing_shape(existing_shape: Optional[Sequence[int]], volume_shape: Sequence[int]) -> None:
+    """An annotate request's existing labelmap is (k, j, i) on the session's volume."""
+    if existing_shape is not None and tuple(existing_shape) != tuple(volume_shape):
         raise InputError(f"the existing segmentation has shape {list(existing_shape)}; the session's volume is "
                          f"{list(volume_shape)}")
-    return prompts, options
 
 
 @dataclass(frozen=True)

@@ -115,16 +115,20 @@ def declared_bytes(body: bytes, limits: Limits = Limits(), dtypes: Sequence[str]
 
     So that a server can charge an upload to its memory budget before decoding it.
     """
+    declared = declared_array(body, limits, dtypes, allow_rgb)
+    return 0 if declared is None else math.prod(declared[1]) * declared[0].itemsize
+
+
+def declared_array(body: bytes, limits: Limits = Limits(), dtypes: Sequence[str] = IMAGE_DTYPES,
+                   allow_rgb: bool = True) -> Optional[tuple[np.dtype, tuple[int, ...]]]:
+    """(dtype, shape) the envelope's header declares for its array, checked; None without one."""
     if len(body) < len(MAGIC) + 4 or body[:len(MAGIC)] != MAGIC:
-        return 0  # decode() says what is wrong
+        return None  # decode() says what is wrong
     (length,) = struct.unpack(">I", body[len(MAGIC):len(MAGIC) + 4])
     if length > limits.max_header_bytes or len(body) < len(MAGIC) + 4 + length:
-        return 0
+        return None
     meta = parse_json_object(body[len(MAGIC) + 4:len(MAGIC) + 4 + length], "the envelope header").get("array")
-    if meta is None:
-        return 0
-    dtype, shape = check_array_header(meta, limits, dtypes, allow_rgb)
-    return math.prod(shape) * dtype.itemsize
+    return None if meta is None else check_array_header(meta, limits, dtypes, allow_rgb)
 
 
 def parse_json_object(raw: bytes, what: str) -> dict:

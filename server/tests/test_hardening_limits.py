@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import select
 import socket
 import threading
@@ -141,7 +142,9 @@ def test_an_existing_labelmap_is_checked_against_the_session_before_it_is_decode
         good = httpx.post(url, content=b"MSW1" + len(text).to_bytes(4, "big") + text + zlib.compress(labels.tobytes()),
                           headers=headers, timeout=60)
         print(refused.status_code, refused.json()["error"][:160], huge[:12], good.status_code)
-        assert refused.status_code == 422 and "existing labelmap declares" in refused.json()["error"]
+        assert refused.status_code == 422
+        assert refused.json()["error"] == ("the existing segmentation has shape [256, 1024, 1024]; the session's "
+                                           "volume is [1, 128, 128]")
         assert huge.startswith(b"HTTP/1.1 413"), huge[:200]
         assert good.status_code == 202, good.text
         httpx.delete(f"{small_server.url}/sessions/{session[0]}/jobs/{good.json()['job']}", headers=headers)
@@ -389,3 +392,40 @@ def test_a_hung_server_fails_a_segment_and_an_annotate_result_in_bounded_time():
     assert isinstance(annotate_error, client_module.ServerNotRunning)
     assert "did not answer the annotate result within 30 s" in str(annotate_error)
     assert annotate_seconds < 30 + 5 + 15  # the result's timeout, then the cancel's (also unanswered)
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority") or not os.path.isdir("/proc/self/task"),
+                    reason="a thread's own nice value is a Linux notion")
+def test_the_encoder_runs_below_the_decoder_on_a_busy_cpu():
+    """A real ONNX LiteMedSAM in a real worker: the encode thread and ONNX Runtime's encoder threads run at the
+    encoder's nice value, the decode thread (a box on a cached slice) at the process's own, and both still work."""
+    from medsam_server.embeddings import EmbeddingCache
+    from medsam_server.intensity import to_uint8
+    from medsam_server.models import load_model
+    from medsam_server.worker import ENCODER_NICE, ModelWorker
+
+    def nice_by_thread() -> dict[int, int]:
+        fields = {}
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/stat") as handle:
+                fields[int(tid)] = int(handle.read().rsplit(")", 1)[1].split()[16])
+        return fields
+
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    model = load_model("litemedsam", device="cpu", backend="onnx", threads=2)
+    before = set(nice_by_thread())
+    worker = ModelWorker(model, EmbeddingCache())
+    worker.start()
+    try:
+        plane, _ = to_uint8(ct()[19], "ct-lung")
+        embedding = model.embed([plane])
+        probabilities = worker.decode(embedding, np.array([[30.0, 30.0, 90.0, 90.0]]), (128, 128)).result(60)
+        assert probabilities.shape == (1, 128, 128)
+        native = {t.name: t.native_id for t in threading.enumerate() if t.name.startswith("medsam-model-")}
+        nice = nice_by_thread()
+        assert nice[native["medsam-model-encode"]] == own + ENCODER_NICE
+        assert nice[native["medsam-model-decode"]] == own
+        new_threads = set(nice) - before - set(native.values())  # the encoder session's pool, opened anew
+        assert new_threads and {nice[t] for t in new_threads} == {own + ENCODER_NICE}
+    finally:
+        worker.stop()
