@@ -56,9 +56,7 @@ def test_int8_encoder_is_quantized_and_keeps_the_lung_masks(fp32, int8, onnx_cac
         for side in range(2):
             m32 = fp32.decode(e32[n:n + 1], boxes[n, side][None], slices[n].shape)[0] > 0.5
             m8 = int8.decode(e8[n:n + 1], boxes[n, side][None], slices[n].shape)[0] > 0.5
-            # The masks move only at uncertain borders (0.95 on the slice where fp32 itself scores 0.80)...
-            assert dice(m8, m32) >= 0.94, (CT_SLICES[n], side)
-            # ...and never away from the expert's by more than 0.02
+            assert dice(m8, m32) >= 0.97, (CT_SLICES[n], side)
             assert dice(m8, reference[n, side]) >= dice(m32, reference[n, side]) - 0.02, (CT_SLICES[n], side)
 
 
