@@ -130,6 +130,16 @@ def showInSegmentEditor(volumeNode, segmentationNode, segmentId=None):
     return editor
 
 
+def undoStateSaver(volumeNode, segmentationNode, segmentId):
+    """What the Lib calls once before it writes: the Segment Editor's undo state, so the write is one undo step."""
+    def saveUndoState():
+        editor = showInSegmentEditor(volumeNode, segmentationNode, segmentId)
+        if editor is not None:
+            editor.saveStateForUndo()
+
+    return saveUndoState
+
+
 #
 # Widget
 #
@@ -721,13 +731,8 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.tryWithErrorDisplay("Could not write the result into the segment."):
                 if volumeNode is None or segmentationNode is None:
                     raise ValueError("The volume or the segmentation was deleted during the run.")
-
-                def saveUndoState():
-                    editor = showInSegmentEditor(volumeNode, segmentationNode, request.segment_id)
-                    if editor is not None:
-                        editor.saveStateForUndo()
-
-                applied = run.apply_run(request, result, volumeNode, segmentationNode, saveUndoState)
+                applied = run.apply_run(request, result, volumeNode, segmentationNode,
+                                        undoStateSaver(volumeNode, segmentationNode, request.segment_id))
         except Exception:  # noqa: BLE001 - already shown by tryWithErrorDisplay
             self._recordInference(begin=False, ok=False)
             return
@@ -817,13 +822,9 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             client = connect(threading.Event())
             label = int(request.document["segments"][0]["label"])
 
-            def saveUndoState():
-                editor = showInSegmentEditor(volumeNode, segmentationNode, request.segment_id)
-                if editor is not None:
-                    editor.saveStateForUndo()
-
             applied, header = run.apply_threshold(client, result.session, volumeNode, segmentationNode,
-                                                  request.segment_id, label, threshold, slices, saveUndoState)
+                                                  request.segment_id, label, threshold, slices,
+                                                  undoStateSaver(volumeNode, segmentationNode, request.segment_id))
             if self._review is not None and header.get("review"):
                 self._review.rerank(header["review"])
             self.ui.statusLabel.text = f"Threshold {value:.2f}: {len(applied.changed_slices)} slice(s) changed."
@@ -844,13 +845,9 @@ class MedSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             client = connect(threading.Event())
             label = int(request.document["segments"][0]["label"])
 
-            def saveUndoState():
-                editor = showInSegmentEditor(volumeNode, segmentationNode, request.segment_id)
-                if editor is not None:
-                    editor.saveStateForUndo()
-
             _, header = run.cycle_alternative(client, result.session, volumeNode, segmentationNode,
-                                              request.segment_id, index, label, saveUndoState)
+                                              request.segment_id, index, label,
+                                              undoStateSaver(volumeNode, segmentationNode, request.segment_id))
             if self._review is not None and header.get("review"):
                 self._review.rerank(header["review"])
             chosen = int(header["chosen"])

@@ -41,3 +41,28 @@ def ijk_to_ras_point(volume_node, ijk):
     matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(matrix)
     return np.array(matrix.MultiplyPoint([float(v) for v in ijk] + [1.0])[:3])
+
+
+def paint(segmentation_node, segment_id, volume_node, k, rows, cols, value=1):
+    """A hand edit on slice k as the Segment Editor's Paint (``value`` 1) or Erase (0) makes it, not through the Lib."""
+    import slicer
+    import vtk
+    import vtk.util.numpy_support
+
+    ni, nj, _ = volume_node.GetImageData().GetDimensions()
+    modifier = slicer.vtkOrientedImageData()
+    modifier.SetExtent(0, ni - 1, 0, nj - 1, k, k)
+    modifier.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    plane = vtk.util.numpy_support.vtk_to_numpy(modifier.GetPointData().GetScalars()).reshape(nj, ni)
+    plane[:] = 0
+    plane[rows, cols] = 1
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    modifier.SetImageToWorldMatrix(matrix)
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    if value:
+        mode = logic.MODE_MERGE_MASK
+    else:  # erase: keep everything but the painted voxels
+        plane[:] = 1 - plane
+        mode = logic.MODE_MERGE_MIN
+    assert logic.SetBinaryLabelmapToSegment(modifier, segmentation_node, segment_id, mode, modifier.GetExtent())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mrml_fixtures import add_roi, add_segmentation, ijk_to_ras_point
+from mrml_fixtures import add_roi, add_segmentation, ijk_to_ras_point, paint
 
 slicer = pytest.importorskip("slicer")
 import vtk  # noqa: E402
@@ -25,27 +25,6 @@ def _volume(scene, directions=np.eye(3), shape=SHAPE_KJI):
 
 def _blobs(seed, shape=SHAPE_KJI, fraction=0.3):
     return (np.random.default_rng(seed).random(shape) < fraction).astype(np.uint8)
-
-
-def _paint(segmentation_node, segment_id, volume_node, k, rows, cols, value=1):
-    """A hand edit on slice k as the Segment Editor's Paint/Erase effects make it (not through the logic)."""
-    nk, nj, ni = SHAPE_KJI
-    modifier = slicer.vtkOrientedImageData()
-    modifier.SetExtent(0, ni - 1, 0, nj - 1, k, k)
-    modifier.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    plane = vtk.util.numpy_support.vtk_to_numpy(modifier.GetPointData().GetScalars()).reshape(nj, ni)
-    plane[:] = 0
-    plane[rows, cols] = 1
-    matrix = vtk.vtkMatrix4x4()
-    volume_node.GetIJKToRASMatrix(matrix)
-    modifier.SetImageToWorldMatrix(matrix)
-    seg_logic = slicer.vtkSlicerSegmentationsModuleLogic
-    if value:
-        mode = seg_logic.MODE_MERGE_MASK
-    else:  # erase: keep everything but the painted voxels
-        plane[:] = 1 - plane
-        mode = seg_logic.MODE_MERGE_MIN
-    assert seg_logic.SetBinaryLabelmapToSegment(modifier, segmentation_node, segment_id, mode, modifier.GetExtent())
 
 
 def _filled(scene, volume_node, names=("target", "left", "right")):
@@ -143,9 +122,9 @@ def test_hand_edits_become_locked_slices_and_are_kept(scene):
     segments.apply_labels(volume_node, node, target, (0, 0, 2), first)  # a run over slices 2..9
     assert segments.edited_slices(node, target, volume_node, 2) == []
 
-    _paint(node, target, volume_node, 5, slice(0, 3), slice(0, 4))  # added voxels on a run slice
-    _paint(node, target, volume_node, 7, slice(6, 18), slice(8, 24), value=0)  # a run slice erased
-    _paint(node, target, volume_node, 11, slice(2, 5), slice(2, 5))  # a slice no run wrote
+    paint(node, target, volume_node, 5, slice(0, 3), slice(0, 4))  # added voxels on a run slice
+    paint(node, target, volume_node, 7, slice(6, 18), slice(8, 24), value=0)  # a run slice erased
+    paint(node, target, volume_node, 11, slice(2, 5), slice(2, 5))  # a slice no run wrote
     assert segments.edited_slices(node, target, volume_node, 2) == [5, 7, 11]
     kept = segments.segment_array(node, target, volume_node)
 
@@ -176,7 +155,7 @@ def test_run_record_survives_saving_and_loading(scene, tmp_path):
     volume_node = _volume(scene)
     node, (target,) = add_segmentation(scene, volume_node, ("target",))
     segments.apply_labels(volume_node, node, target, (0, 0, 0), _blobs(1))
-    _paint(node, target, volume_node, 4, slice(0, 2), slice(0, 2))
+    paint(node, target, volume_node, 4, slice(0, 2), slice(0, 2))
     path = str(tmp_path / "saved.seg.nrrd")
     writer = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
     writer.SetFileName(path)

@@ -9,10 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mrml_fixtures import add_roi, add_segmentation, ijk_to_ras_point
+from mrml_fixtures import add_roi, add_segmentation, ijk_to_ras_point, paint
 
 slicer = pytest.importorskip("slicer")
-import vtk  # noqa: E402
 
 from MedSAMSlicerLib import errors, geometry, keyframes, review, run, segments  # noqa: E402
 
@@ -61,25 +60,6 @@ def _lung_run(scene, ct_volume, client):
     result = run.execute_run(client, request)
     run.apply_run(request, result, ct_volume, segmentation_node)
     return segmentation_node, segment_id, request, result, rois
-
-
-def _paint(segmentation_node, segment_id, volume_node, k, rows, cols):
-    """A hand edit on slice k as the Segment Editor's Paint makes it (not through the Lib)."""
-    ni, nj, _ = volume_node.GetImageData().GetDimensions()
-    modifier = slicer.vtkOrientedImageData()
-    modifier.SetExtent(0, ni - 1, 0, nj - 1, k, k)
-    modifier.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    plane = vtk.util.numpy_support.vtk_to_numpy(modifier.GetPointData().GetScalars()).reshape(nj, ni)
-    plane[:] = 0
-    plane[rows, cols] = 1
-    matrix = vtk.vtkMatrix4x4()
-    volume_node.GetIJKToRASMatrix(matrix)
-    modifier.SetImageToWorldMatrix(matrix)
-    logic = slicer.vtkSlicerSegmentationsModuleLogic
-    assert logic.SetBinaryLabelmapToSegment(modifier, segmentation_node, segment_id, logic.MODE_MERGE_MASK,
-                                            modifier.GetExtent())
-
-# ------------------------------------------------------------------------------------------------ no server
 
 
 def test_a_review_click_jumps_every_view_through_the_slice(scene, ct_volume):
@@ -181,7 +161,7 @@ def test_the_review_list_of_a_real_run_marks_jumped_and_edited_slices(scene, ct_
     assert state.mark_reviewed([geometry.view_slice(red, ct_volume, request.axis)]) == [worst.slice]
 
     edited = next(r.slice for r in state.rows if not state.is_reviewed(r.slice))
-    _paint(segmentation_node, segment_id, ct_volume, edited, slice(100, 104), slice(10, 14))
+    paint(segmentation_node, segment_id, ct_volume, edited, slice(100, 104), slice(10, 14))
     assert state.mark_edited(segmentation_node, ct_volume) == [edited]
     assert state.progress == (2, len(listed)) and state.next_to_review().slice not in (worst.slice, edited)
 
