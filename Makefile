@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(PY) -m medsam_server.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q server/tests MedSAMSlicer/Testing/Python
+	$(PY) -m pytest -q --durations=25 server/tests MedSAMSlicer/Testing/Python
 
 serve: $(STAMP)
 	$(VENV)/bin/medsam serve
