@@ -20,3 +20,12 @@ def litemedsam():
 @pytest.fixture(scope="session")
 def shared_cache() -> EmbeddingCache:
     return EmbeddingCache(budget_bytes=1 << 30)
+
+
+@pytest.fixture(scope="module")
+def onnx_cache(tmp_path_factory):
+    """A cache folder of the test module's own (``MEDSAM_CACHE_DIR``): its ONNX graphs are exported there."""
+    folder = tmp_path_factory.mktemp("medsam_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MEDSAM_CACHE_DIR", str(folder))
+        yield folder

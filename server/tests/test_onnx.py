@@ -28,14 +28,6 @@ from medsam_server.models.torch_runtime import PromptedMaskDecoder
 SHAPE = (128, 128)
 
 
-@pytest.fixture(scope="module")
-def onnx_cache(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("medsam_cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MEDSAM_CACHE_DIR", str(folder))
-        yield folder
-
-
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDSAM_CACHE_DIR", str(tmp_path / "cache"))

@@ -24,14 +24,6 @@ THORACIC_SPINE = 3
 
 
 @pytest.fixture(scope="module")
-def onnx_cache(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("medsam_cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MEDSAM_CACHE_DIR", str(folder))
-        yield folder
-
-
-@pytest.fixture(scope="module")
 def fp32(onnx_cache):
     return load_model("litemedsam", device="cpu", backend="onnx")
 
