@@ -52,8 +52,11 @@ PRIORITY_DECODE, PRIORITY_SEGMENT, PRIORITY_ANNOTATE, PRIORITY_PREFETCH = 0, 1, 
 PRIORITIES = (PRIORITY_DECODE, PRIORITY_SEGMENT, PRIORITY_ANNOTATE, PRIORITY_PREFETCH)
 #: Slices one owner's segment requests may have waiting for the encoder at once.
 MAX_WAITING_SLICES = 64
-#: The encoder thread's nice value (Linux): a decode (a box on a cached slice) goes first on a busy CPU.
+#: How much nicer than the process the encoder thread runs (Linux): a decode (a box on a cached slice) goes first
+#: on a busy CPU. Added to the process's own nice value, never set outright: Ray starts its workers at nice 15,
+#: where an absolute 10 would put the encoder *above* the decoder and Serve's proxy and ingress.
 ENCODER_NICE = 10
+MAX_NICE = 19
 
 
 @dataclass
@@ -342,7 +345,8 @@ def _yield_cpu_to_decoding(model: Any) -> None:
     Linux only (a thread's nice value is its own there, and threads it starts inherit it).
     """
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), ENCODER_NICE)
+        own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(MAX_NICE, own + ENCODER_NICE))
     except (AttributeError, OSError):  # not Linux, or not allowed: both run at one priority
         return
     reopen = getattr(getattr(model, "runtime", None), "open_encoder_here", None)

@@ -10,6 +10,8 @@ Model work is kept to a few 128x128 axial slices of slicerio's CTChest4.
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,7 +25,8 @@ serve = pytest.importorskip("ray.serve", reason="the Ray tests need the ray extr
 from engine_data import LEFT_LUNG, RIGHT_LUNG, bounding_box, ct_volume  # noqa: E402
 from medsam_server.app import Settings  # noqa: E402
 from medsam_server.ray_routing import Gate, Placement, Router  # noqa: E402
-from medsam_server.ray_serve import APP_NAME, REPLICA_HEADER, ScaleOut, application  # noqa: E402
+from medsam_server.ray_serve import APP_NAME, REPLICA_HEADER, ScaleOut, application, init_local  # noqa: E402
+from medsam_server.worker import ENCODER_NICE, MAX_NICE, _yield_cpu_to_decoding  # noqa: E402
 from server_harness import free_port, load_client_module, running_server  # noqa: E402
 
 client_module = load_client_module()
@@ -56,8 +59,7 @@ class Recording(client_module.MedSAMClient):
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False,
-             configure_logging=False)
+    init_local(2, object_store_memory=200 * 2**20, log_to_driver=False, configure_logging=False)  # as serve's
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -170,6 +172,64 @@ def check_load_figures(status: dict, sessions, other) -> None:
     text = json.dumps(status)
     assert [secret for secret in (sessions[1].id, sessions[1].key, sessions[1].digest, BOB) if secret in text] == []
     assert other.session_info(sessions[1])["session"] == sessions[1].id  # bob's session is there all the same
+
+
+def _nice(pid: int, tid: int) -> int:
+    with open(f"/proc/{pid}/task/{tid}/stat") as handle:
+        return int(handle.read().rsplit(")", 1)[1].split()[16])
+
+
+def _descendants() -> dict[int, str]:
+    """This test's own processes (Ray's, started by ``init_local``): pid -> command line (a worker's title)."""
+    parents, commands = {}, {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as stat, open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
+                commands[int(entry)] = cmdline.read().replace(b"\0", b" ").decode("utf-8", "replace")
+        except OSError:  # ended meanwhile
+            continue
+
+    def ours(pid: int) -> bool:
+        while pid > 1:
+            pid = parents.get(pid, 0)
+            if pid == os.getpid():
+                return True
+        return False
+
+    return {pid: command for pid, command in commands.items() if ours(pid)}
+
+
+def test_the_request_path_runs_at_our_priority_and_each_replica_encodes_below_it(cluster):
+    """Ray starts its workers at nice 15; on our local cluster Serve's proxy, the ingress and the replicas run at
+    this process's nice value, and each replica's encoder thread 10 nicer, as in one process: a box on a cached
+    slice is not slowed by background embedding (the encoder at nice 10 once ran above all of them at 15)."""
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    processes = _descendants()
+    path = {name: [pid for pid, command in processes.items() if name in command]
+            for name in ("ray::ProxyActor", f"ray::ServeReplica:{APP_NAME}:MedSAMIngress",
+                         f"ray::ServeReplica:{APP_NAME}:MedSAMReplica")}
+    assert [len(pids) for pids in path.values()] == [1, 1, 2], processes
+    for pid in sum(path.values(), []):
+        assert _nice(pid, pid) == own, processes[pid]
+    encoder = min(MAX_NICE, own + ENCODER_NICE)
+    for pid in path[f"ray::ServeReplica:{APP_NAME}:MedSAMReplica"]:  # the process's threads and its encoder's
+        assert {_nice(pid, int(tid)) for tid in os.listdir(f"/proc/{pid}/task")} == {own, encoder}
+
+
+def test_on_a_cluster_of_nice_15_workers_the_encoder_still_yields_to_the_decoder():
+    """On a joined cluster (``--ray``) Ray's workers keep nice 15: the encoder thread goes to 19, not to 10."""
+    seen = {}
+
+    def encoder_thread() -> None:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 15)  # a Ray worker's (this thread only)
+        _yield_cpu_to_decoding(model=None)
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    thread = threading.Thread(target=encoder_thread)
+    thread.start()
+    thread.join()
+    assert seen == {"nice": MAX_NICE}
 
 
 def test_tokens_and_limits_hold_across_replicas(cluster, scan):
