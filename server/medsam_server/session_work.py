@@ -102,7 +102,7 @@ class SessionWork:
             points = None if count is None else np.array([e.points for e in entries])
             labels = None if count is None else np.array([e.point_labels for e in entries])
             found = await stack.masks_awaited(embeddings[positions], np.array([e.box for e in entries]), points,
-                                              labels, run)
+                                              labels, run, [e.slice for e in entries])
             for p, mask in zip(positions, found, strict=True):
                 masks[live[p]] = mask
         return request, masks

@@ -88,14 +88,17 @@ class SliceStack:
                                        keep)
 
     def decode(self, embeddings: np.ndarray, boxes: np.ndarray, points: Optional[np.ndarray] = None,
-               point_labels: Optional[np.ndarray] = None) -> np.ndarray:
+               point_labels: Optional[np.ndarray] = None, slices: Optional[Sequence[int]] = None) -> np.ndarray:
         """Box i (and points i) on embedding i -> (N, rows, cols) probabilities in slice pixels.
 
         ``boxes`` (N, 4) and ``points`` (N, P, 2) are in slice pixels; ``point_labels`` (N, P)
-        1 inside, 0 outside. Points map to the view like box corners.
+        1 inside, 0 outside. Points map to the view like box corners. ``slices``: the embeddings'
+        slice indices, given when the next prompt may come to the same slices (a user's box; the
+        model keeps the decoder's slice-only step of them, ``models/prepared.py``).
         """
         view_boxes, view_shape, view_points = self.prompts_to_view(boxes, points)
-        return self.from_view(self.model.decode(embeddings, view_boxes, view_shape, view_points, point_labels))
+        return self.from_view(self.model.decode(embeddings, view_boxes, view_shape, view_points, point_labels,
+                                                self._keys(slices)))
 
     async def embeddings_awaited(self, indices: Sequence[int]) -> np.ndarray:
         """As :meth:`embeddings` (kept in the cache), awaited: slices all cached go straight on (no turn in the
@@ -111,11 +114,13 @@ class SliceStack:
 
     async def masks_awaited(self, embeddings: np.ndarray, boxes: np.ndarray, points: Optional[np.ndarray] = None,
                             point_labels: Optional[np.ndarray] = None,
-                            run: Optional[Callable[..., Awaitable]] = None) -> np.ndarray:
+                            run: Optional[Callable[..., Awaitable]] = None,
+                            slices: Optional[Sequence[int]] = None) -> np.ndarray:
         """As :meth:`masks`, awaited: (N, rows, cols) bool. ``run(function, *args)`` maps the probabilities back
-        and thresholds them on a thread (here when None)."""
+        and thresholds them on a thread (here when None); ``slices`` as in :meth:`decode`."""
         view_boxes, view_shape, view_points = self.prompts_to_view(boxes, points)
-        decoded = self.model.decode_future(embeddings, view_boxes, view_shape, view_points, point_labels)
+        decoded = self.model.decode_future(embeddings, view_boxes, view_shape, view_points, point_labels,
+                                           self._keys(slices))
         probabilities = await asyncio.wrap_future(decoded)
         return self._masks(probabilities) if run is None else await run(self._masks, probabilities)
 
@@ -140,9 +145,12 @@ class SliceStack:
         return np.stack([self.view.from_view(p) for p in probabilities])
 
     def masks(self, embeddings: np.ndarray, boxes: np.ndarray, points: Optional[np.ndarray] = None,
-              point_labels: Optional[np.ndarray] = None) -> np.ndarray:
+              point_labels: Optional[np.ndarray] = None, slices: Optional[Sequence[int]] = None) -> np.ndarray:
         """As :meth:`decode`, thresholded: (N, rows, cols) bool."""
-        return self.decode(embeddings, boxes, points, point_labels) > MASK_THRESHOLD
+        return self.decode(embeddings, boxes, points, point_labels, slices) > MASK_THRESHOLD
+
+    def _keys(self, slices: Optional[Sequence[int]]) -> Optional[list[SliceKey]]:
+        return None if slices is None else [self.key(i) for i in slices]
 
     def _masks(self, view_probabilities: np.ndarray) -> np.ndarray:
         return self.from_view(view_probabilities) > MASK_THRESHOLD

@@ -68,10 +68,12 @@ class _Decode:
     point_labels: Optional[np.ndarray]  # (N, P)
     future: Future = field(default_factory=Future)
     alternatives: bool = False  # the decoder's other mask outputs (N, 3, H, W), not the model's mask
+    keys: Optional[list] = None  # the slices' SliceKeys: their decoder step kept for the next prompt
 
     @property
     def group(self) -> tuple:
-        return (self.image_shape, None if self.points is None else self.points.shape[1], self.alternatives)
+        return (self.image_shape, None if self.points is None else self.points.shape[1], self.alternatives,
+                self.keys is None)
 
 
 @dataclass
@@ -147,7 +149,7 @@ class ModelWorker:
 
     def decode(self, embeddings: np.ndarray, boxes: np.ndarray, image_shape: tuple[int, int],
                points: Optional[np.ndarray] = None, point_labels: Optional[np.ndarray] = None,
-               owner: str = "", alternatives: bool = False) -> Future:
+               owner: str = "", alternatives: bool = False, keys: Optional[Sequence[SliceKey]] = None) -> Future:
         """Future of (N, H, W) float32 probabilities; arguments as ``PromptableModel.decode`` (``alternatives``:
         of ``PromptableModel.decode_alternatives``, (N, 3, H, W), boxes only)."""
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
@@ -157,8 +159,10 @@ class ModelWorker:
                             else np.asarray(point_labels, dtype=np.int64).reshape(points.shape[:2]))
         embeddings, step = np.asarray(embeddings, dtype=np.float32), self.max_decode_batch
         cut = lambda a, n: None if a is None else a[n:n + step]  # noqa: E731 - parts of one batch each
+        keys = None if keys is None or alternatives else list(keys)
         parts = [_Decode(cut(embeddings, n), cut(boxes, n), tuple(int(s) for s in image_shape), cut(points, n),
-                         cut(point_labels, n), alternatives=alternatives) for n in range(0, len(boxes), step)]
+                         cut(point_labels, n), alternatives=alternatives, keys=cut(keys, n))
+                 for n in range(0, len(boxes), step)]
         for part in parts:
             self._submit(PRIORITY_DECODE, part, owner)
         return parts[0].future if len(parts) == 1 else gathered([part.future for part in parts])
@@ -292,9 +296,10 @@ class ModelWorker:
                     probabilities = self.model.decode_alternatives(_joined(group, "embeddings"),
                                                                    _joined(group, "boxes"), group[0].image_shape)
                 else:
+                    keys = None if group[0].keys is None else [key for item in group for key in item.keys]
                     probabilities = self.model.decode(_joined(group, "embeddings"), _joined(group, "boxes"),
                                                       group[0].image_shape, _joined(group, "points"),
-                                                      _joined(group, "point_labels"))
+                                                      _joined(group, "point_labels"), keys)
             except Exception as err:  # noqa: BLE001 - one bad request must not fail its batch mates: retry one by one
                 if len(group) == 1:
                     group[0].future.set_exception(err)
@@ -391,14 +396,16 @@ class WorkerModel:
                                  (lambda: any(f() for f in stops)) if stops else None, keep, self.owner)
 
     def decode(self, embeddings: np.ndarray, boxes: np.ndarray, image_shape: tuple[int, int],
-               points: Optional[np.ndarray] = None, point_labels: Optional[np.ndarray] = None) -> np.ndarray:
+               points: Optional[np.ndarray] = None, point_labels: Optional[np.ndarray] = None,
+               keys: Optional[Sequence[SliceKey]] = None) -> np.ndarray:
         """As ``PromptableModel.decode``: (N, H, W) float32 probabilities, batched with other requests."""
-        return self.decode_future(embeddings, boxes, image_shape, points, point_labels).result()
+        return self.decode_future(embeddings, boxes, image_shape, points, point_labels, keys).result()
 
     def decode_future(self, embeddings: np.ndarray, boxes: np.ndarray, image_shape: tuple[int, int],
-                      points: Optional[np.ndarray] = None, point_labels: Optional[np.ndarray] = None) -> Future:
+                      points: Optional[np.ndarray] = None, point_labels: Optional[np.ndarray] = None,
+                      keys: Optional[Sequence[SliceKey]] = None) -> Future:
         """As :meth:`decode`, not waited for: the future of its probabilities."""
-        return self.worker.decode(embeddings, boxes, image_shape, points, point_labels, self.owner)
+        return self.worker.decode(embeddings, boxes, image_shape, points, point_labels, self.owner, keys=keys)
 
     def alternatives_future(self, embeddings: np.ndarray, boxes: np.ndarray, image_shape: tuple[int, int]) -> Future:
         """The future of ``PromptableModel.decode_alternatives``' (N, 3, H, W) probabilities, on the decode thread."""

@@ -75,7 +75,7 @@ def test_onnx_alternatives_match_torch_and_keep_the_other_graphs(litemedsam, lit
     # exported on first use beside the other two, which are untouched (their folder key did not change)
     assert [f.stat().st_mtime_ns for f in graphs] == stamps
     assert sorted(p.name for p in folder.iterdir()) == sorted([alternatives_file(), "decoder.onnx", "encoder.onnx",
-                                                               "manifest.json"])
+                                                               ob.PREPARE_FILE, ob.PROMPT_FILE, "manifest.json"])
     assert alternatives_file().startswith(ALTERNATIVES_PREFIX)
     assert np.array_equal(lite_onnx.decode(embeddings, boxes, SHAPE), own)
 

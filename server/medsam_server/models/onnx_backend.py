@@ -1,6 +1,6 @@
-"""ONNX Runtime backend: the same two graphs as :class:`.torch_runtime.TorchRuntime`, run by onnxruntime.
+"""ONNX Runtime backend: the modules of :class:`.torch_runtime.TorchRuntime` as graphs run by onnxruntime.
 
-Two graphs per model, exported with the TorchScript-based exporter
+Four graphs per model, exported with the TorchScript-based exporter
 (``torch.onnx.export(..., dynamo=False, opset_version=17)``; the dynamo exporter
 fails on SAM's decoder):
 
@@ -9,6 +9,10 @@ fails on SAM's decoder):
 - ``decoder.onnx``: :class:`.torch_runtime.PromptedMaskDecoder`: ``embeddings`` (N, 256, 64, 64),
   ``coords`` (N, K, 2) float32 (x, y) in model pixels, ``labels`` (N, K) int64 ->
   ``logits`` (N, 1, 256, 256). N and K are dynamic.
+- ``decoder-prepare.onnx`` and ``decoder-prompt.onnx``: the same decoder in two steps
+  (``PromptedMaskDecoder.prepare`` and ``decode_prepared``): ``embeddings`` -> the slice-only
+  tensors ``src``, ``key``, ``value``, ``query`` (:data:`PREPARED`); those + ``coords``, ``labels`` ->
+  ``logits``. A box on a slice decoded a moment ago runs only the second (``models/prepared.py``).
 
 ``--backend onnx`` exports them on first use into ``<cache>/onnx/<model>-<key>/``
 where the key digests the weights (the file's SHA-256, or the digest published for
@@ -47,13 +51,17 @@ if TYPE_CHECKING:
 
 OPSET = 17
 #: Bump when the export itself changes (names, axes, tracing fixes) so cached graphs are rebuilt.
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2  # 2: the decoder's two steps as graphs of their own
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
+PREPARE_FILE, PROMPT_FILE = "decoder-prepare.onnx", "decoder-prompt.onnx"
 MANIFEST_FILE = "manifest.json"
 
 ENCODER_INPUTS, ENCODER_OUTPUTS = ["images"], ["embeddings"]
 DECODER_INPUTS, DECODER_OUTPUTS = ["embeddings", "coords", "labels"], ["logits"]
+#: ``PromptedMaskDecoder.prepare``'s outputs, the prompt graph's first inputs.
+PREPARED = ["src", "key", "value", "query"]
+PROMPT_INPUTS = [*PREPARED, "coords", "labels"]
 
 ModuleBuilder = Callable[[], "tuple[nn.Module, PromptedMaskDecoder]"]
 
@@ -112,7 +120,9 @@ def session_options(threads: Optional[int] = None):
 
 
 class OnnxRuntime:
-    """Encoder and decoder as ONNX Runtime sessions; the :class:`.base.Runtime` protocol."""
+    """Encoder and decoder as ONNX Runtime sessions; the :class:`.base.Runtime` protocol.
+
+    The decoder's two steps (``prepare``, ``decode_prepared``) are read from ``decoder_path``'s folder."""
 
     backend = "onnx"
 
@@ -125,9 +135,11 @@ class OnnxRuntime:
         self.providers, self.threads = providers, threads
         self.alternatives = None  # alternatives.OnnxAlternatives, set by onnx_runtime
         self.encoder_path = Path(encoder_path)
+        folder = Path(decoder_path).parent
         try:
-            self.encoder = ort.InferenceSession(str(encoder_path), session_options(threads), providers=providers)
-            self.decoder = ort.InferenceSession(str(decoder_path), session_options(threads), providers=providers)
+            self.encoder, self.decoder, self.preparer, self.prompted = (
+                ort.InferenceSession(str(path), session_options(threads), providers=providers)
+                for path in (encoder_path, decoder_path, folder / PREPARE_FILE, folder / PROMPT_FILE))
         except Exception as err:  # onnxruntime raises its own types for a damaged graph
             raise InputError(f"cannot load the ONNX graphs in {Path(encoder_path).parent} ({err}); "
                              f"delete that folder to export them again") from None
@@ -155,6 +167,18 @@ class OnnxRuntime:
             "labels": np.ascontiguousarray(labels, dtype=np.int64),
         }
         return self.decoder.run(DECODER_OUTPUTS, feed)[0]
+
+    def prepare(self, embeddings: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The decoder's slice-only tensors (:data:`PREPARED`) of (N, 256, 64, 64) embeddings."""
+        feed = {"embeddings": np.ascontiguousarray(embeddings, dtype=np.float32)}
+        return tuple(self.preparer.run(PREPARED, feed))
+
+    def decode_prepared(self, prepared: tuple[np.ndarray, ...], coords: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """As :meth:`decode`, from :meth:`prepare`'s tensors of the N slices: (N, 1, 256, 256) logits."""
+        feed = dict(zip(PREPARED, prepared, strict=True))
+        feed["coords"] = np.ascontiguousarray(coords, dtype=np.float32)
+        feed["labels"] = np.ascontiguousarray(labels, dtype=np.int64)
+        return self.prompted.run(DECODER_OUTPUTS, feed)[0]
 
     def decode_alternatives(self, embeddings: np.ndarray, coords: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """As :meth:`decode`, SAM's other mask tokens 1..3 (``alternatives.py``): (N, 3, 256, 256) logits."""
@@ -237,7 +261,7 @@ def onnx_runtime(
         raise InputError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     folder = graph_folder(model_name, checkpoint)
     encoder_path, decoder_path = folder / ENCODER_FILE, folder / DECODER_FILE
-    if not (encoder_path.is_file() and decoder_path.is_file()):
+    if not all((folder / name).is_file() for name in (ENCODER_FILE, DECODER_FILE, PREPARE_FILE, PROMPT_FILE)):
         from .onnx_export import export_missing  # the one step that needs torch
 
         print(f"Exporting the {model_name} graphs to ONNX into {folder} (once; later runs reuse them)",

@@ -1,4 +1,4 @@
-"""Exporting a model's two graphs to ONNX (``medsam export-onnx``, and ``--backend onnx`` the first time).
+"""Exporting a model's graphs to ONNX (``medsam export-onnx``, and ``--backend onnx`` the first time).
 
 The graphs, their names and the cache folder are described in ``onnx_backend.py``, which runs them
 without torch; this file is the only part of the ONNX path that needs torch.
@@ -29,6 +29,10 @@ from .onnx_backend import (
     EXPORT_FORMAT,
     MANIFEST_FILE,
     OPSET,
+    PREPARE_FILE,
+    PREPARED,
+    PROMPT_FILE,
+    PROMPT_INPUTS,
     ModuleBuilder,
     weights_digest,
     write_atomically,
@@ -45,7 +49,7 @@ def export_missing(model_name: str, checkpoint: Optional[Path], build_torch_modu
 
 
 def export_onnx(model_name: str, out_dir: str | Path, checkpoint: Optional[str | Path] = None) -> list[Path]:
-    """Write ``encoder.onnx``, ``decoder.onnx`` and ``manifest.json`` of a model into ``out_dir``.
+    """Write ``encoder.onnx``, ``decoder.onnx`` (and its two steps) and ``manifest.json`` of a model into ``out_dir``.
 
     Existing files there are replaced. Returns the written paths.
     """
@@ -72,6 +76,11 @@ def _manifest(model_name: str, checkpoint: Optional[Path]) -> dict:
                                "coords": "float32 (N, K, 2) (x, y) in model pixels",
                                "labels": "int64 (N, K): -1 pad, 0/1 background/foreground point, 2/3 box corners"},
                     "outputs": {"logits": "float32 (N, 1, 256, 256)"}},
+        "decoder_steps": {"files": [PREPARE_FILE, PROMPT_FILE],
+                          "prepare": {"inputs": ["embeddings"], "outputs": {
+                              "src": "float32 (N, 4096, 256)", "key": "float32 (N, 8, 16, 4096)",
+                              "value": "float32 (N, 8, 4096, 16)", "query": "float32 (N, 8, 4096, 16)"}},
+                          "prompt": {"inputs": PROMPT_INPUTS, "outputs": ["logits"]}},
     }
 
 
@@ -81,8 +90,11 @@ def _export_graphs(encoder: nn.Module, decoder: PromptedMaskDecoder, folder: Pat
     size = int(decoder.prompt_encoder.input_image_size[0])  # the square model input S
     manifest = {**manifest, "input_size": size}
     encoder_path, decoder_path = folder / ENCODER_FILE, folder / DECODER_FILE
+    prepare_path, prompt_path = folder / PREPARE_FILE, folder / PROMPT_FILE
     steps = [(path, export) for path, export in (
         (decoder_path, lambda: export_decoder(decoder, decoder_path)),
+        (prepare_path, lambda: export_prepare(decoder, prepare_path)),
+        (prompt_path, lambda: export_prompt(decoder, prompt_path)),
         (encoder_path, lambda: export_encoder(encoder, encoder_path, size)),
     ) if not (only_missing and path.is_file())]
     for step, (path, export) in enumerate(steps, start=1):
@@ -94,7 +106,7 @@ def _export_graphs(encoder: nn.Module, decoder: PromptedMaskDecoder, folder: Pat
             print(f" {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     manifest_path = folder / MANIFEST_FILE
     write_atomically(manifest_path, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n"))
-    return [encoder_path, decoder_path, manifest_path]
+    return [encoder_path, decoder_path, prepare_path, prompt_path, manifest_path]
 
 
 def export_encoder(encoder: nn.Module, path: Path, input_size: int) -> Path:
@@ -113,6 +125,36 @@ def export_decoder(decoder: PromptedMaskDecoder, path: Path) -> Path:
     example = (torch.randn(2, 256, 64, 64), torch.rand(2, 3, 2) * size, torch.tensor([[1, 2, 3], [0, 2, 3]]))
     axes = {"embeddings": {0: "n"}, "coords": {0: "n", 1: "k"}, "labels": {0: "n", 1: "k"}, "logits": {0: "n"}}
     _export(decoder.eval(), example, DECODER_INPUTS, DECODER_OUTPUTS, axes, path)
+    return path
+
+
+class _Step(nn.Module):
+    """One method of a decoder as a module's forward, for the exporter."""
+
+    def __init__(self, decoder: PromptedMaskDecoder, method: str):
+        super().__init__()
+        self.decoder, self.method = decoder, method
+
+    def forward(self, *inputs: torch.Tensor):
+        return getattr(self.decoder, self.method)(*inputs)
+
+
+def export_prepare(decoder: PromptedMaskDecoder, path: Path) -> Path:
+    """Export :meth:`.torch_runtime.PromptedMaskDecoder.prepare`: ``embeddings`` -> :data:`PREPARED`, N dynamic."""
+    axes = {name: {0: "n"} for name in ("embeddings", *PREPARED)}
+    _export(_Step(decoder, "prepare").eval(), (torch.randn(2, 256, 64, 64),), ["embeddings"], PREPARED, axes, path)
+    return path
+
+
+def export_prompt(decoder: PromptedMaskDecoder, path: Path) -> Path:
+    """Export :meth:`.torch_runtime.PromptedMaskDecoder.decode_prepared`, N and K dynamic."""
+    size = float(decoder.prompt_encoder.input_image_size[0])
+    with torch.no_grad():
+        prepared = decoder.eval().prepare(torch.randn(2, 256, 64, 64))
+    example = (*prepared, torch.rand(2, 3, 2) * size, torch.tensor([[1, 2, 3], [0, 2, 3]]))
+    axes = {**{name: {0: "n"} for name in (*PREPARED, "logits")},
+            "coords": {0: "n", 1: "k"}, "labels": {0: "n", 1: "k"}}
+    _export(_Step(decoder, "decode_prepared").eval(), example, PROMPT_INPUTS, DECODER_OUTPUTS, axes, path)
     return path
 
 
