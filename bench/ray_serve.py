@@ -20,8 +20,14 @@ Measured side by side in one run, on the same Ray cluster and the same CPU:
 - per replica: sessions held, cache hits and misses, slices encoded (affinity: a session's slices
   are encoded once, on its replica), from ``/info``'s aggregate ``load`` figures.
 
-Run: ``.venv/bin/python bench/ray_serve.py [--slices 6] [--readers 4] [--whole-ct]`` (a few minutes on 2
-cores for the default). ``--paper [--encoder-ms 15 --decoder-ms 2]`` prints the scale on paper instead:
+``--cached-box``: only the latency of a box on a cached slice, one reader, one process against the Ray path
+(1 replica holding all cores) side by side: corrected boxes on one slice while the upload's background
+embedding runs (as in ``--whole-ct``, where a reader corrects its keyframes before its CT is embedded),
+the same once it is done, and ``/health`` round trips (the proxy -> ingress -> replica hops with no model
+work). About 3 minutes on 2 cores.
+
+Run: ``.venv/bin/python bench/ray_serve.py [--slices 6] [--readers 4] [--whole-ct | --cached-box]`` (a few
+minutes on 2 cores for the default). ``--paper [--encoder-ms 15 --decoder-ms 2]`` prints the scale on paper instead:
 one replica's model worker under N readers, simulated event by event from the per-slice costs (see
 ``WorkerSim``).
 """
@@ -136,6 +142,56 @@ def readers(client_module, url: str, count: int, slices: int, scan, whole: bool 
     if errors:
         raise errors[0]
     return time.perf_counter() - start, cached
+
+
+def cached_box(client, volume, labels, direction, boxes: int, k: int = 20) -> dict[str, list[float]]:
+    """Round trips (ms) of ``boxes`` corrected boxes on cached slice ``k``: while the rest of the volume is
+    embedded in the background, then once it is all embedded; and ``boxes`` ``/health`` round trips."""
+    session = client.upload_volume(volume, direction=direction)
+    job = client.prefetch(session, window=WINDOW)
+    lung = box(labels[k] == RIGHT_LUNG)
+    client.segment(session, [{"slice": k, "box": lung}], window=WINDOW)  # slice k is cached from here on
+    times: dict[str, list[float]] = {"embedding": [], "idle": [], "health": []}
+
+    def boxes_on_k(into: list[float]) -> None:
+        for n in range(boxes):
+            start = time.perf_counter()
+            client.segment(session, [{"slice": k, "box": np.add(lung, [-(n % 3), 0, n % 3, 0]).tolist()}],
+                           window=WINDOW)
+            into.append((time.perf_counter() - start) * 1e3)
+
+    boxes_on_k(times["embedding"])
+    if client.job_status(session, job)["state"] == "done":
+        raise RuntimeError("the background embedding ended before the boxes did: the first figures are not "
+                           "'while embedding' (ask for fewer --boxes)")
+    client.wait(session, job)
+    boxes_on_k(times["idle"])
+    for _ in range(boxes):
+        start = time.perf_counter()
+        client.health()
+        times["health"].append((time.perf_counter() - start) * 1e3)
+    client.delete(session)
+    return times
+
+
+def cached_box_run(client_module, scan, boxes: int, ray_url: str, ray_port: int, cores: int) -> None:
+    """``--cached-box``: one process, then the Ray path (1 replica x all cores), one reader each; a table."""
+    volume, labels, direction = scan
+    results = {}
+    with one_process(ray_port + 1) as url:
+        wait_ready(client_module, url)
+        results["1 process"] = cached_box(client_module.MedSAMClient(url), volume, labels, direction, boxes)
+    with ray_replicas(1, cores, ray_port):
+        wait_ready(client_module, ray_url)
+        shifted = (volume.astype(np.int32) + 7).astype(volume.dtype)  # no embedding carried over, come what may
+        results[f"Ray, 1 replica x {cores} cores"] = cached_box(client_module.MedSAMClient(ray_url), shifted, labels,
+                                                                direction, boxes)
+    print(f"one reader, {boxes} corrected boxes on a cached slice of CTChest4 (128x128), LiteMedSAM on {cores} "
+          "CPU cores; round trips in ms, p50 / p95")
+    print(f"{'configuration':<28} {'box while embedding':>20} {'box, embedding done':>20} {'/health':>14}")
+    for name, times in results.items():
+        cells = [f"{p(times[part], 50):.0f} / {p(times[part], 95):.0f}" for part in ("embedding", "idle", "health")]
+        print(f"{name:<28} {cells[0]:>20} {cells[1]:>20} {cells[2]:>14}")
 
 
 @contextmanager
@@ -291,6 +347,9 @@ def main() -> int:
     parser.add_argument("--readers", type=int, default=4, help="readers at once (default 4)")
     parser.add_argument("--whole-ct", action="store_true",
                         help="each reader annotates the whole CT (keyframes every 5 slices): ~10-15 min on 2 cores")
+    parser.add_argument("--cached-box", action="store_true",
+                        help="only a cached-slice box's latency, one process vs Ray side by side (~3 min)")
+    parser.add_argument("--boxes", type=int, default=20, help="boxes per figure of --cached-box (default 20)")
     parser.add_argument("--paper", action="store_true",
                         help="only the simulated scale: readers per replica from per-slice costs (no Ray)")
     parser.add_argument("--encoder-ms", type=float, default=15.0, help="for --paper (default: an H100's 15)")
@@ -299,20 +358,26 @@ def main() -> int:
     if args.paper:
         paper(args.encoder_ms, args.decoder_ms, [1, 10, 20, 30, 40, 45, 50, 60])
         return 0
-    if not args.whole_ct and FIRST_SLICE + args.readers * args.slices > 34:
+    if not (args.whole_ct or args.cached_box) and FIRST_SLICE + args.readers * args.slices > 34:
         parser.error("CTChest4 has 27 slices with both lungs (7..33): readers x slices must be at most 27")
 
     import ray
     from ray import serve
 
+    from medsam_server.ray_serve import init_local
+
     client_module = load_client()
     scan = ct_chest()
     cores = os.cpu_count() or 1
-    ray.init(num_cpus=cores, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False,
-             configure_logging=False)
+    init_local(cores, object_store_memory=200 * 2**20, log_to_driver=False, configure_logging=False)  # as serve's
     ray_port = 18000 + os.getpid() % 1000
     serve.start(http_options={"host": "127.0.0.1", "port": ray_port})
     ray_url = f"http://127.0.0.1:{ray_port}"
+    if args.cached_box:
+        cached_box_run(client_module, scan, args.boxes, ray_url, ray_port, cores)
+        serve.shutdown()
+        ray.shutdown()
+        return 0
     results: dict[str, tuple[float, list[float]]] = {}
     with one_process(ray_port + 1) as url:
         wait_ready(client_module, url)
