@@ -50,6 +50,9 @@ TARGETS = (("right lung", 5, "ct-lung"), ("left lung", 6, "ct-lung"), ("thoracic
 EVERY = 5  # keyframe spacing, slices
 VARIANTS = (("torch", "fp32"), ("onnx", "fp32"), ("onnx", "int8"))
 HTTP_BOX = [190, 60, 330, 420]  # the cameraman on skimage's 512x512 camera()
+#: Idle before each timed call of the HTTP breakdown: ONNX Runtime's intra-op threads spin after a run, and
+#: the parts run different graphs (sessions), whose spinning would slow the next part on a 2-core CPU.
+IDLE_S = 0.05
 
 
 def ct_paths() -> tuple[str, str]:
@@ -292,6 +295,7 @@ def http_latency(repeats: int) -> dict:
         times: dict = {key: [] for key in calls}
         for round_ in range(repeats + 3):
             for key, call in calls.items():
+                time.sleep(IDLE_S)  # as a user's boxes come: the last call's spinning threads gone
                 started = time.perf_counter()
                 took = call()
                 if round_ >= 3:
