@@ -5,7 +5,9 @@ every 5 slices, LiteMedSAM) and prints, measured side by side in one run:
 - wall time of `annotate(...)` vs the sum of the runtime's encoder and decoder
   calls (overhead ratio: preprocessing, interpolation, post-processing, bookkeeping);
 - the cache hit rate when the second segment (left lung) shares slices with the first;
-- box interpolation: PCHIP vs linear, Dice of each lung at k = 5 and 10.
+- box interpolation: PCHIP vs linear, Dice of each lung at k = 5 and 10;
+- issue 15's stages (``medsam simulate --ablation``'s list): each one's wall time, cold cache, as a ratio
+  of the model alone, and both lungs' Dice.
 
 Usage: python bench/annotate.py [--quick]
 """
@@ -23,9 +25,10 @@ import slicerio
 from medsam_server.annotate import annotate
 from medsam_server.embeddings import EmbeddingCache
 from medsam_server.models import load_model
+from medsam_server.multiview import annotate_multiview
 from medsam_server.prompts import parse_prompts
 from medsam_server.requests import AnnotateOptions
-from medsam_server.simulate import simulated_prompts
+from medsam_server.simulate import ABLATION, simulated_prompts
 
 LUNGS = (("right lung", 5), ("left lung", 6))
 
@@ -94,6 +97,26 @@ def main() -> None:
                       for n, (_, lab) in enumerate(LUNGS, start=1)]
             row.append(f"{method} {scores[0]:.4f}/{scores[1]:.4f}")
         print(f"  k={every:<3} right/left  " + "   ".join(row))
+
+    stage_costs(volume, direction, labels, model, size)
+
+
+def stage_costs(volume, direction, labels, model, size) -> None:
+    """Each stage of ``simulate.ABLATION`` on both lungs (keyframes every 5), each on a cold cache: the extra
+    views encode their own slices, which a warm cache would hide."""
+    spacing = (3.046875, 3.046875, 10.0)
+    document = parse_prompts(simulated_prompts(labels, LUNGS, 5, window="ct-lung"), size)
+    print("issue 15's stages, both lungs, every 5, cold cache each (ratio to the model alone):")
+    alone = None
+    for stage, changes in ABLATION:
+        started = time.perf_counter()
+        out = annotate_multiview(volume, direction, spacing, document, model, EmbeddingCache(),
+                                 AnnotateOptions(**changes)).labels
+        wall = time.perf_counter() - started
+        alone = alone or wall
+        scores = [2 * ((out == n) & (labels == lab)).sum() / ((out == n).sum() + (labels == lab).sum())
+                  for n, (_, lab) in enumerate(LUNGS, start=1)]
+        print(f"  {stage:<20} {wall:7.2f} s  x{wall / alone:.2f}   Dice {scores[0]:.4f} / {scores[1]:.4f}")
 
 
 if __name__ == "__main__":

@@ -1,22 +1,19 @@
-"""Beyond one view (issue 15): a margin around the user's boxes, and orthogonal-view refinement.
+"""Beyond one view (issue 15): the 3D stages on top of ``annotate.annotate`` (keyframes on one axis,
+the *prompt axis*), in this order: a margin around the user's boxes, orthogonal-view refinement, and
+intensity fusion (``intensity_fusion.py``, on by default: it lifted every measured target). Each later
+stage rewrites the segment's kept probabilities; the labels are written again once, from them.
 
-Two stages on top of ``annotate.annotate`` (keyframes on one axis, the *prompt axis*):
-
-- ``box_margin``: every keyframe box grown by this fraction of its side before interpolation.
-  LiteMedSAM was trained on boxes perturbed outwards; a tight box (the reference's own bounding
-  box) under-segments. 0.1 lifts every CTChest4 case but one (left lung, keyframes every 5:
-  0.844 -> 0.841) and NSD on all of them; on an MR template (nilearn's MNI ICBM152 2009a T1
-  shrunk to 2 x 2 x 6 mm, reference: its own GM + WM maps > 0.5) brain 0.60 -> 0.77 and white
-  matter 0.37 -> 0.43 at every 5 slices; no extra model call.
+- ``box_margin``: every keyframe box grown by this fraction of its side before interpolation (no extra
+  model call). LiteMedSAM was trained on boxes perturbed outwards; a tight box under-segments. Off: with
+  the fusion on it lowers the lumbar spine of CTChest4 (0.92 -> 0.86 at every 5 slices).
 - ``views``: the first result seen along the two other axes. On each of their slices the box
-  is the first result's extent grown by ``view_margin`` (along the prompt axis never past the
+  is the first result's extent grown by ``VIEW_MARGIN`` (along the prompt axis never past the
   outermost keyframes), decoded on slices resampled to square pixels (a 3 x 3 x 10 mm CT
-  reaches the model unsquashed) and mapped back; the three probability volumes are averaged
-  and thresholded. The segment's kept run (``refine.SegmentRun``) then holds the averaged
-  probabilities and its review describes the fused masks, so a later threshold moves the fused
-  result (the server's threshold route), not the first pass. It lifts the thoracic spine
-  (0.59 -> 0.66 at every 5 slices) but lowers the lungs (LiteMedSAM is poor on coronal lung
-  slices of this CT): off by default.
+  reaches the model unsquashed) and mapped back; the three probability volumes are averaged.
+  The segment's kept run (``refine.SegmentRun``) then holds the averaged probabilities, so a
+  later threshold moves the fused result (the server's threshold route), not the first pass.
+  Off: it lifts the thoracic spine (0.74 -> 0.84 at every 5 slices, with the fusion) but lowers
+  the left lung, and costs 4-5 times the time on a cold cache (README "Accuracy").
 
 Frames: volumes are numpy (k, j, i); slices along an axis are (rows along v, cols along u) as in
 ``geometry.in_plane_axes``; ``spacing`` is (i, j, k) in mm as SimpleITK gives it.
@@ -32,6 +29,8 @@ import numpy as np
 from .annotate import AnnotationResult, annotate
 from .embeddings import EmbeddingCache
 from .geometry import in_plane_axes, slice_index
+from .intensity import to_uint8
+from .intensity_fusion import fuse_intensity
 from .prompts import PromptDocument
 from .refine import quantize, review_entry, segment_masks
 from .requests import AnnotateOptions
@@ -139,33 +138,59 @@ def annotate_multiview(array: np.ndarray, direction: np.ndarray, spacing: Sequen
     shape = (spatial[2 - v], spatial[2 - u])
     result = annotate(array, direction, with_margin(prompts, options.box_margin, shape), model, cache, options,
                       **annotate_kwargs)
-    if not options.views or min(spatial) == 1:
+    if (not options.views or min(spatial) == 1) and not options.intensity_weight:
         return result
-    batch = options.batch_size or model.decoder_batch
+    given = annotate_kwargs.get("stack")
+    planes = {repr(prompts.window): given.plane} if given is not None else {}  # window -> slice i's uint8 image
     for segment, prompt in zip(result.segments, prompts.segments):
-        first = result.labels == segment.label
-        if not first.any():
+        if not (result.labels == segment.label).any():
             continue
-        fused = _main_probabilities(segment.run, spatial)
-        keyframes = [k.slice for k in prompt.keyframes]
         window = prompts.window_of(prompt)
-        for axis in (a for a in (0, 1, 2) if a != prompts.axis):
-            stack = SquarePixelStack(array, direction, spacing, axis, window, model, cache, options.orientation)
-            fused += view_probabilities(stack, first, prompts.axis, (min(keyframes), max(keyframes)),
-                                        VIEW_MARGIN, batch)
-        written = sorted(segment.slices)  # the first pass's slices (locked ones excluded): the only ones rewritten
-        mean = _prompt_axis_frame(fused, prompts.axis)
-        for index in written:  # the kept run holds the fused probabilities: a later threshold moves over them
-            segment.run.probabilities[index] = quantize(mean[index] / 3.0)
-        mask = segment_masks(segment.run)  # as a threshold request at the run's threshold gives them
-        labels = _prompt_axis_frame(result.labels, prompts.axis)  # a view: writes land in result.labels
-        for index in written:
-            target = labels[index]
-            target[target == segment.label] = 0
-            target[mask[index] if options.overwrite else mask[index] & (target == 0)] = segment.label
-        segment.voxels = int(sum((labels[i] == segment.label).sum() for i in written))
-        segment.review = review_entry(segment.run, mask)  # the fused masks, the ones written
+        if options.views and min(spatial) > 1:
+            _fuse_views(array, direction, spacing, prompts, prompt, segment, result.labels, model, cache, options)
+        if options.intensity_weight:
+            if repr(window) not in planes:
+                planes[repr(window)] = _planes(array, prompts.axis, window)
+            fuse_intensity(segment.run, planes[repr(window)], options.intensity_weight)
+        _rewrite(segment, result.labels, prompts.axis, options.overwrite)
     return result
+
+
+def _fuse_views(array: np.ndarray, direction: np.ndarray, spacing: Sequence[float], prompts: PromptDocument,
+                prompt, segment, labels: np.ndarray, model: Any, cache: EmbeddingCache,
+                options: AnnotateOptions) -> None:
+    """The segment's kept probabilities replaced by the mean of its three views' (the first pass's slices)."""
+    spatial = labels.shape
+    first = labels == segment.label
+    fused = _main_probabilities(segment.run, spatial)
+    keyframes = [k.slice for k in prompt.keyframes]
+    batch = options.batch_size or model.decoder_batch
+    for axis in (a for a in (0, 1, 2) if a != prompts.axis):
+        stack = SquarePixelStack(array, direction, spacing, axis, prompts.window_of(prompt), model, cache,
+                                 options.orientation)
+        fused += view_probabilities(stack, first, prompts.axis, (min(keyframes), max(keyframes)), VIEW_MARGIN, batch)
+    mean = _prompt_axis_frame(fused, prompts.axis)
+    for index in segment.slices:  # the first pass's slices (locked ones excluded): the only ones rewritten
+        segment.run.probabilities[index] = quantize(mean[index] / 3.0)
+
+
+def _rewrite(segment, labels: np.ndarray, axis: int, overwrite: bool) -> None:
+    """Write the segment's kept run again over its first-pass slices, as a threshold request at the run's
+    threshold would give it, and describe the masks written in its review."""
+    mask = segment_masks(segment.run)
+    frame = _prompt_axis_frame(labels, axis)  # a view: writes land in ``labels``
+    for index in segment.slices:
+        target = frame[index]
+        target[target == segment.label] = 0
+        target[mask[index] if overwrite else mask[index] & (target == 0)] = segment.label
+    segment.voxels = int(sum((frame[i] == segment.label).sum() for i in segment.slices))
+    segment.review = review_entry(segment.run, mask)
+
+
+def _planes(array: np.ndarray, axis: int, window) -> Any:
+    """Slice i's uint8 image along ``axis`` in ``window``, in slice pixels, as ``SliceStack.plane`` gives it."""
+    u8, _ = to_uint8(array, window, rgb=array.ndim == 4)
+    return lambda index: u8[slice_index(axis, index)]
 
 
 def _main_probabilities(run, spatial: tuple[int, int, int]) -> np.ndarray:

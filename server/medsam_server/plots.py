@@ -65,12 +65,15 @@ def box_plot(path: str, results: list[dict], methods: Sequence[str], title: str 
 
 
 def dice_vs_spacing(rows: list[dict], path: str) -> None:
-    """PNG: 3D Dice per target against keyframe spacing K (rows of ``medsam simulate``: every, target, dsc)."""
+    """PNG: 3D Dice per target (and stage) against keyframe spacing K (rows of ``medsam simulate``)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
-    for target in dict.fromkeys(r["target"] for r in rows):
-        mine = [r for r in rows if r["target"] == target]
-        ax.plot([r["every"] for r in mine], [r["dsc"] for r in mine], marker="o", label=target)
+    def line(r: dict) -> str:  # one line per target, or per target and stage (--ablation)
+        return f"{r['target']} ({r['stage']})" if r.get("stage") else r["target"]
+
+    for name in dict.fromkeys(map(line, rows)):
+        mine = [r for r in rows if line(r) == name]
+        ax.plot([r["every"] for r in mine], [r["dsc"] for r in mine], marker="o", label=name)
     ax.set_xlabel("keyframe every K slices")
     ax.set_ylabel("3D Dice")
     ax.set_title("Simulated annotator: Dice vs keyframe spacing")

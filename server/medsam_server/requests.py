@@ -22,6 +22,7 @@ import numpy as np
 from .errors import InputError, shown
 from .geometry import DEFAULT_ORIENTATION, ORIENTATIONS, check_box, check_points, slice_shape
 from .intensity import parse_window
+from .intensity_fusion import INTENSITY_WEIGHT, MAX_INTENSITY_WEIGHT
 from .prompts import PromptDocument, check_axis, check_int, check_orientation, no_unknown_keys, parse_prompts
 from .protocol import ALTERNATIVE_COUNT, MASK_THRESHOLD, MAX_BATCH_SIZE, MAX_LABEL, Limits
 from .refine import check_threshold
@@ -59,16 +60,24 @@ class AnnotateOptions:
     # Re-box one slice: a keyframe box on it (or its interpolated box) is decoded there alone.
     only_slice: Optional[int] = _option(None, int, "decode slice K alone and write only it (re-box one slice; "
                                         "with --existing the other slices are kept)", flag="--slice", metavar="K")
-    # Issue 15's 3D stages (multiview.py), off by default: neither helped every measured target.
+    # Issue 15's 3D stages (multiview.py): margin and views off (neither helped every measured target).
     box_margin: float = _option(0.0, float, "grow each keyframe box by this fraction of its side (default 0; "
                                 "0.1 lifted the right lung and the spine of CTChest4)", metavar="F")
     views: bool = _option(False, bool, "refine in the two other views on square-pixel slices and fuse the three "
                           "(about twice the time; helps the spine, hurts the lungs of CTChest4)")
+    # On by default: it lifted every measured target at every keyframe spacing (intensity_fusion.py).
+    intensity_weight: float = _option(INTENSITY_WEIGHT, float, "weight of the target's own intensities against the "
+                                      "model's logits at the border (default %(default)s; 0 = the model alone)",
+                                      metavar="W")
 
     def __post_init__(self):
         if isinstance(self.box_margin, bool) or not isinstance(self.box_margin, (int, float)) or \
                 not 0.0 <= self.box_margin <= 1.0:
             raise InputError(f"box_margin must be a fraction 0..1 of the box side, got {shown(self.box_margin)}")
+        if isinstance(self.intensity_weight, bool) or not isinstance(self.intensity_weight, (int, float)) or \
+                not 0.0 <= self.intensity_weight <= MAX_INTENSITY_WEIGHT:
+            raise InputError(f"intensity_weight must be a number 0..{MAX_INTENSITY_WEIGHT:g}, "
+                             f"got {shown(self.intensity_weight)}")
         if self.views and self.only_slice is not None:
             raise InputError("the orthogonal views refine a whole segment: --views and --slice do not go together")
         if self.interpolation not in INTERPOLATIONS:
@@ -114,7 +123,8 @@ def parse_options(raw: Any, n_slices: int) -> AnnotateOptions:
     kinds = {f.name: f.metadata["kind"] for f in dataclasses.fields(AnnotateOptions)}
     no_unknown_keys(raw, set(kinds), "'options'")
     for name, value in raw.items():
-        if not isinstance(value, kinds[name]) or (kinds[name] is int and isinstance(value, bool)):
+        kind = (int, float) if kinds[name] is float else kinds[name]  # JSON's 2 is a fine 2.0
+        if not isinstance(value, kind) or (kinds[name] is not bool and isinstance(value, bool)):
             raise InputError(f"option {name!r} must be a {kinds[name].__name__}, got {shown(value)}")
     options = AnnotateOptions(**raw)
     if options.propagate > n_slices:

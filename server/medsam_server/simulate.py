@@ -17,6 +17,12 @@ import numpy as np
 from .errors import InputError
 from .geometry import slice_index
 
+#: ``medsam simulate --ablation``: issue 15's stages in turn, as changes to the annotate options given.
+ABLATION = (("model alone", {"intensity_weight": 0.0}),
+            ("default", {}),
+            ("+ box margin 10 %", {"box_margin": 0.1}),
+            ("+ three views", {"views": True}))
+
 
 def keyframe_slices(present: np.ndarray, every: int) -> list[int]:
     """Every ``every``-th slice where the target is present, plus the last one."""

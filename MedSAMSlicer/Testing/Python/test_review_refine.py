@@ -133,11 +133,12 @@ def test_quality_names_map_to_options_the_server_accepts():
     assert run.QUALITIES == ("fast", "best")
     assert run.DEFAULT_THRESHOLD == pytest.importorskip("medsam_server.protocol").MASK_THRESHOLD
     assert run.quality_options("fast") == {}
-    assert run.quality_options("best") == {"box_margin": 0.1, "views": True}
-    assert run.quality_options("best", single_slice=True) == {"box_margin": 0.1}
+    assert run.quality_options("best") == {"views": True}
+    assert run.quality_options("best", single_slice=True) == {}
     for quality in run.QUALITIES:
         options = requests.parse_options(run.quality_options(quality), 34)
         assert options.views == (quality == "best")
+        assert options.intensity_weight == requests.INTENSITY_WEIGHT  # the server's default fusion in both
         single = {**run.quality_options(quality, single_slice=True), "only_slice": 3, "propagate": 0}
         assert requests.parse_options(single, 34).only_slice == 3  # views would be refused with one slice
     with pytest.raises(errors.InputError, match="quality is one of fast, best"):

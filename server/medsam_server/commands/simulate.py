@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import sys
 import time
@@ -31,7 +32,11 @@ def register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--axis", type=int, choices=(0, 1, 2), default=2)
     p.add_argument("--window", default="auto", help=f"{', '.join(WINDOW_NAMES)} or LOW,HIGH")
-    add_option_arguments(p, ("propagate", "interpolation", "orientation"))
+    add_option_arguments(p, ("propagate", "interpolation", "orientation", "threshold", "box_margin", "views",
+                             "intensity_weight"))
+    p.add_argument("--ablation", action="store_true",
+                   help="run each of issue 15's stages in turn (the model alone, the default, + box margin, "
+                        "+ three views) and report Dice, NSD and seconds of each")
     p.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance (default 2 mm)")
     p.add_argument("--output", type=Path, help="write the segmentation of the (first) K here")
     p.add_argument("--out", type=Path, help="folder for simulate.json, simulate.csv and dice_vs_k.png")
@@ -42,15 +47,15 @@ def register(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..annotate import annotate
     from ..embeddings import EmbeddingCache
     from ..io.images import read_image
     from ..io.labels import read_labels, segment_colour, write_labels
     from ..metrics import case_scores
     from ..models import load_model
+    from ..multiview import annotate_multiview
     from ..prompts import parse_prompts
     from ..review import review_scores
-    from ..simulate import simulated_prompts, target_labels
+    from ..simulate import ABLATION, simulated_prompts, target_labels
 
     if (args.every is None) == (args.clicks is None):
         raise InputError("give --every K (keyframes) or --clicks N (corrective clicks), one of them")
@@ -64,27 +69,31 @@ def run(args: argparse.Namespace) -> int:
     if args.clicks is not None:
         return _run_clicks(args, volume, reference, targets, window, model, cache)
     options = options_from_arguments(args)
+    stages = [(name, dataclasses.replace(options, **changes)) for name, changes in ABLATION] if args.ablation \
+        else [("", options)]
     rows = []
     for every in args.every:
         document = simulated_prompts(reference, targets, every, args.axis, window, args.jitter_px, args.markers,
                                      args.seed)
         prompts = parse_prompts(document, volume.size)
-        with tqdm(total=1, desc=f"K={every}", unit="slice", file=sys.stderr) as bar:
-            started = time.perf_counter()
-            result = annotate(volume.array, volume.direction, prompts, model, cache, options,
-                              progress=progress_bar(bar))
-            seconds = time.perf_counter() - started
-        if args.output and every == args.every[0]:
-            write_labels(args.output, result.labels, volume,
-                         [(s.name, s.label, segment_colour(n)) for n, s in enumerate(prompts.segments)])
-        for segment, done, (name, ref_label) in zip(prompts.segments, result.segments, targets):
-            scores = case_scores(reference == ref_label, result.labels == segment.label, volume.spacing,
-                                 args.tolerance_mm)
-            ranking = review_scores(done.review["slices"], reference == ref_label, result.labels == segment.label,
-                                    prompts.axis)
-            rows.append({"every": every, "target": name, "keyframes": len(segment.keyframes),
-                         "dsc": round(scores["dsc"], 4), "nsd": round(scores["nsd"], 4), "seconds": round(seconds, 2),
-                         "cache_hits": result.cache_hits, "markers": args.markers, **ranking})
+        for stage, stage_options in stages:
+            with tqdm(total=1, desc=f"K={every} {stage}".strip(), unit="slice", file=sys.stderr) as bar:
+                started = time.perf_counter()
+                result = annotate_multiview(volume.array, volume.direction, volume.spacing, prompts, model, cache,
+                                            stage_options, progress=progress_bar(bar))
+                seconds = time.perf_counter() - started
+            if args.output and every == args.every[0] and stage == stages[0][0]:
+                write_labels(args.output, result.labels, volume,
+                             [(s.name, s.label, segment_colour(n)) for n, s in enumerate(prompts.segments)])
+            for segment, done, (name, ref_label) in zip(prompts.segments, result.segments, targets):
+                scores = case_scores(reference == ref_label, result.labels == segment.label, volume.spacing,
+                                     args.tolerance_mm)
+                ranking = review_scores(done.review["slices"], reference == ref_label,
+                                        result.labels == segment.label, prompts.axis)
+                rows.append({"every": every, "target": name, "stage": stage, "keyframes": len(segment.keyframes),
+                             "dsc": round(scores["dsc"], 4), "nsd": round(scores["nsd"], 4),
+                             "seconds": round(seconds, 2), "cache_hits": result.cache_hits, "markers": args.markers,
+                             **ranking})
     _print_table(rows)
     if args.out:
         _write_reports(args.out, rows)
@@ -116,10 +125,12 @@ def _run_clicks(args: argparse.Namespace, volume, reference, targets, window, mo
 def _print_table(rows: list[dict]) -> None:
     # Spearman: confidence against the true per-slice Dice; worst 20 %: the share of the per-slice error
     # (1 - Dice, summed) in the 20 % least confident slices (review.py).
-    print("| K | target | keyframes | DSC | NSD | Spearman | error in worst 20 % | seconds |")
-    print("|---|---|---|---|---|---|---|---|")
+    # seconds: the whole run (every target) of that K and stage.
+    print("| K | target | stage | keyframes | DSC | NSD | Spearman | error in worst 20 % | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['every']} | {r['target']} | {r['keyframes']} | {r['dsc']:.4f} | {r['nsd']:.4f} | "
+        print(f"| {r['every']} | {r['target']} | {r['stage'] or '-'} | {r['keyframes']} | {r['dsc']:.4f} | "
+              f"{r['nsd']:.4f} | "
               f"{_maybe(r['spearman'], '+.2f')} | {_maybe(r['worst20_error_share'], '.0%')} | {r['seconds']} |")
 
 
