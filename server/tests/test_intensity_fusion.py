@@ -136,12 +136,12 @@ def test_intensity_weight_is_an_option_of_the_cli_and_the_request():
 
 
 @pytest.mark.parametrize("radii", [(36.0, 45.0, 30.0), (40.0, 40.0, 40.0)])  # an ellipsoid, a sphere (3 x 3 x 10 mm)
-def test_fusion_on_synthetic_targets_with_the_real_model(litemedsam, radii):
+def test_fusion_on_synthetic_targets_with_the_real_model(litemedsam, shared_cache, radii):
     volume, inside = ellipsoid(radii_mm=radii)
     document = simulated_prompts(inside.astype(np.uint8), [("blob", 1)], 3, window=[0, 255])
     prompts = parse_prompts(document, tuple(reversed(inside.shape)))
-    alone = annotate_multiview(volume, np.eye(3), ANISOTROPIC, prompts, litemedsam, options=MODEL_ONLY)
-    fused = annotate_multiview(volume, np.eye(3), ANISOTROPIC, prompts, litemedsam)
+    alone = annotate_multiview(volume, np.eye(3), ANISOTROPIC, prompts, litemedsam, shared_cache, MODEL_ONLY)
+    fused = annotate_multiview(volume, np.eye(3), ANISOTROPIC, prompts, litemedsam, shared_cache)
     scores = dice(alone.labels == 1, inside), dice(fused.labels == 1, inside)
     print(f"\n{radii}: model alone {scores[0]:.4f}, fused {scores[1]:.4f}")
     assert scores[1] >= max(0.95, scores[0])

@@ -145,13 +145,13 @@ def test_square_pixel_stack_on_isotropic_slices_changes_nothing(litemedsam):
 
 @pytest.mark.parametrize("shape, radii", [((10, 40, 40), (36.0, 45.0, 30.0)),  # an ellipsoid at 3 x 3 x 10 mm
                                           ((10, 40, 40), (40.0, 40.0, 40.0))])  # a sphere at 3 x 3 x 10 mm
-def test_views_segment_a_synthetic_target(litemedsam, shape, radii):
+def test_views_segment_a_synthetic_target(litemedsam, shared_cache, shape, radii):
     """Boxes every 3 slices; the fused three-view result stays on the target (both runs decode the same keyframes)."""
     volume, inside = ellipsoid(shape, ANISOTROPIC, radii)
     document = simulated_prompts(inside.astype(np.uint8), [("blob", 1)], 3, window=[0, 255])
     prompts = parse_prompts(document, tuple(reversed(shape)))
-    one = annotate(volume, np.eye(3), prompts, litemedsam)
-    three = annotate_multiview(volume, np.eye(3), ANISOTROPIC, prompts, litemedsam,
+    one = annotate(volume, np.eye(3), prompts, litemedsam, shared_cache)
+    three = annotate_multiview(volume, np.eye(3), ANISOTROPIC, prompts, litemedsam, shared_cache,
                                options=AnnotateOptions(views=True))
     one_dice, three_dice = dice(one.labels == 1, inside), dice(three.labels == 1, inside)
     print(f"\nsynthetic {radii}: one view {one_dice:.4f}, three views {three_dice:.4f}")
