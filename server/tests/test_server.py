@@ -28,11 +28,11 @@ from hypothesis import strategies as st
 
 from engine_data import LEFT_LUNG, RIGHT_LUNG, bounding_box, ct_volume, dice
 from medsam_server import cli, protocol, wire
-from medsam_server.annotate import annotate
 from medsam_server.app import Settings
 from medsam_server.embeddings import EmbeddingCache, volume_digest
 from medsam_server.errors import InputError
 from medsam_server.models import load_model
+from medsam_server.multiview import annotate_multiview
 from medsam_server.prompts import parse_prompts
 from medsam_server.stack import SliceStack
 from medsam_server.worker import ModelWorker
@@ -44,6 +44,7 @@ MedSAMClient = client_module.MedSAMClient
 ALICE, BOB = "alice-" + "a" * 26, "bob-" + "b" * 28
 WINDOW = "ct-lung"
 ROUND_TRIP_SLICES = slice(19, 22)  # three axial slices of CTChest4 with both lungs
+SPACING = (0.7, 0.7, 5.0)  # the round trip's upload, anisotropic
 PROBE_SLICE = 30  # a one-slice session for the "server keeps serving" checks
 UNIQUE_SLICES = (10, 12, 14, 16, 23, 25, 27, 29)  # the images of the eight concurrent sessions
 
@@ -115,7 +116,7 @@ def test_round_trip_upload_prefetch_segment_annotate_delete_equals_the_engine(se
     volume, labels, direction = ct_volume()
     sub, reference = np.ascontiguousarray(volume[ROUND_TRIP_SLICES]), labels[ROUND_TRIP_SLICES]
     client = served.client()
-    session = client.upload_volume(sub, (0.7, 0.7, 5.0), (10.0, -20.0, 30.0), direction)
+    session = client.upload_volume(sub, SPACING, (10.0, -20.0, 30.0), direction)
     assert session.shape == sub.shape and session.digest == volume_digest(sub)
     described = client.session_info(session)
     assert described["spacing"] == [0.7, 0.7, 5.0] and described["direction"] == direction.ravel().tolist()
@@ -171,7 +172,8 @@ def test_round_trip_upload_prefetch_segment_annotate_delete_equals_the_engine(se
                                np.array([[1, 0]]))[0]
     assert_same_masks(with_points, stack.view.from_view(probability))
 
-    # annotate == annotate(), placed back from the changed block.
+    # annotate == the engine's workflow (annotate_multiview: intensity fusion by default), placed back from the
+    # changed block.
     document = {"axis": 2, "window": WINDOW, "segments": [
         {"name": "right lung", "label": 5, "boxes": [{"slice": 0, "box": right[0].tolist()},
                                                      {"slice": 2, "box": right[2].tolist()}]},
@@ -179,7 +181,8 @@ def test_round_trip_upload_prefetch_segment_annotate_delete_equals_the_engine(se
                                                     {"slice": 2, "box": left[2].tolist()}]}]}
     seen: list = []
     offset, block, summary = client.annotate(session, document, progress=lambda d, t: seen.append((d, t)))
-    expected = annotate(sub, direction, parse_prompts(document, sub.shape[::-1]), model, served.cache)
+    expected = annotate_multiview(sub, direction, SPACING, parse_prompts(document, sub.shape[::-1]), model,
+                                  served.cache)
     np.testing.assert_array_equal(placed(block, offset, sub.shape), expected.labels)
     assert summary["changed_slices"] == [0, 1, 2] and seen[-1][0] == seen[-1][1]
     assert [s["voxels"] for s in summary["segments"]] == [s.voxels for s in expected.segments]
@@ -191,7 +194,8 @@ def test_round_trip_upload_prefetch_segment_annotate_delete_equals_the_engine(se
     existing[1, 40:60, 20:40] = 5
     document["segments"][0]["locked_slices"] = [1]
     offset, block, _ = client.annotate(session, document, existing=existing)
-    again = annotate(sub, direction, parse_prompts(document, sub.shape[::-1]), model, served.cache, existing=existing)
+    again = annotate_multiview(sub, direction, SPACING, parse_prompts(document, sub.shape[::-1]), model, served.cache,
+                               existing=existing)
     result = existing.copy()
     result[offset[2]:offset[2] + block.shape[0]] = 0
     result = np.maximum(result, placed(block, offset, sub.shape))
