@@ -29,3 +29,9 @@ def onnx_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MEDSAM_CACHE_DIR", str(folder))
         yield folder
+
+
+@pytest.fixture(scope="module")
+def lite_onnx(onnx_cache):
+    """LiteMedSAM on ONNX Runtime, its graphs exported into the module's own cache folder."""
+    return load_model("litemedsam", device="cpu", backend="onnx")

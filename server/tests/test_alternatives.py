@@ -20,11 +20,6 @@ SHAPE = (128, 128)
 
 
 @pytest.fixture(scope="module")
-def lite_onnx(onnx_cache):
-    return load_model("litemedsam", device="cpu", backend="onnx")
-
-
-@pytest.fixture(scope="module")
 def ct_pairs(litemedsam):
     """Embeddings and boxes of both lungs on three real CT slices (six pairs)."""
     slices, boxes, reference = ct_lung_slices()

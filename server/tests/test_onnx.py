@@ -40,11 +40,6 @@ def lite_torch():
 
 
 @pytest.fixture(scope="module")
-def lite_onnx(onnx_cache):
-    return load_model("litemedsam", device="cpu", backend="onnx")
-
-
-@pytest.fixture(scope="module")
 def ct():
     return ct_lung_slices()
 

@@ -20,11 +20,6 @@ SHAPE = (128, 128)
 
 
 @pytest.fixture(scope="module")
-def lite_onnx(onnx_cache):
-    return load_model("litemedsam", device="cpu", backend="onnx")
-
-
-@pytest.fixture(scope="module")
 def ct_prompts(litemedsam):
     """Embeddings (3, 256, 64, 64) of three CT slices; per slice a lung box, and the box with two points, in model
     pixels: coords (3, 2, 2) / (3, 4, 2) and labels."""
