@@ -9,13 +9,16 @@ every 5 slices, LiteMedSAM) and prints, measured side by side in one run:
 - issue 15's stages (``medsam simulate --ablation``'s list): each one's wall time, cold cache, as a ratio
   of the model alone, and both lungs' Dice.
 
-Usage: python bench/annotate.py [--quick]
+- ``--overlap ROUNDS``: only decoding overlapped with the next encode against the sequential loop (issue 17).
+
+Usage: python bench/annotate.py [--quick] [--overlap ROUNDS]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 import numpy as np
@@ -57,6 +60,7 @@ class TimedRuntime:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one lung, fewer slices")
+    parser.add_argument("--overlap", type=int, metavar="ROUNDS", help="only the decode/encode overlap A/B")
     args = parser.parse_args()
     data = os.path.join(os.path.dirname(slicerio.__file__), "data")
     image = sitk.ReadImage(os.path.join(data, "CTChest4.nrrd"))
@@ -65,6 +69,8 @@ def main() -> None:
     if args.quick:
         volume, labels = volume[14:22], labels[14:22]
     size = tuple(reversed(volume.shape))
+    if args.overlap:
+        return overlap_ab(volume, direction, labels, size, args.overlap)
     model = load_model("litemedsam", device="cpu")
     model.runtime = timed = TimedRuntime(model.runtime)
 
@@ -117,6 +123,87 @@ def stage_costs(volume, direction, labels, model, size) -> None:
         scores = [2 * ((out == n) & (labels == lab)).sum() / ((out == n).sum() + (labels == lab).sum())
                   for n, (_, lab) in enumerate(LUNGS, start=1)]
         print(f"  {stage:<20} {wall:7.2f} s  x{wall / alone:.2f}   Dice {scores[0]:.4f} / {scores[1]:.4f}")
+
+
+def overlapped_probabilities(self, indices, boxes):
+    """Prototype of ``_Run.probabilities`` with batch n decoded on a helper thread while batch n+1 is encoded
+    (ONNX Runtime releases the GIL); same order, progress, cache counts and cancellation (the pending decode
+    is waited for before Cancelled is raised)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from medsam_server.refine import quantize
+
+    out = np.zeros((len(indices), *self.stack.shape), dtype=np.uint8)
+    live = [n for n, i in enumerate(indices) if not self.stack.is_constant(i)]
+    pending = None
+
+    def decode(batch, emb):
+        started = time.perf_counter()
+        out[batch] = quantize(self.stack.decode(emb, np.array([boxes[n] for n in batch])))
+        return time.perf_counter() - started
+
+    def finish():
+        batch, future = pending
+        self.seconds_decoding += future.result()
+        self.advance(len(batch))
+
+    with ThreadPoolExecutor(max_workers=1) as helper:
+        try:
+            for start in range(0, len(live), self.batch_size):
+                self.check()
+                batch = live[start:start + self.batch_size]
+                t0 = time.perf_counter()
+                emb, hits = self.stack.embeddings([indices[n] for n in batch], should_stop=self.should_stop)
+                self.seconds_embedding += time.perf_counter() - t0
+                self.hits += hits
+                self.misses += len(batch) - hits
+                if pending:
+                    finish()
+                pending = batch, helper.submit(decode, batch, emb)
+            if pending:
+                finish()
+        except BaseException:
+            if pending:
+                pending[1].exception()  # let the decode end before the caller sees the error
+            raise
+    self.advance(len(indices) - len(live))
+    return out
+
+
+def overlap_ab(volume, direction, labels, size, rounds: int) -> None:
+    """Decoding overlapped with the next encode against today's sequential loop (issue 17): the same job
+    (both lungs, every 5, cold cache, default backend), the variants taking turns; also one intra-op thread
+    per session, sequential and overlapped."""
+    from medsam_server import annotate as annotate_module
+
+    sequential = annotate_module._Run.probabilities
+    document = parse_prompts(simulated_prompts(labels, LUNGS, 5, window="ct-lung"), size)
+    models = {2: load_model("litemedsam", device="cpu", backend="auto"),
+              1: load_model("litemedsam", device="cpu", backend="auto", threads=1)}
+    variants = {"sequential": (sequential, 2), "overlapped": (overlapped_probabilities, 2),
+                "sequential, 1 thread/session": (sequential, 1),
+                "overlapped, 1 thread/session": (overlapped_probabilities, 1)}
+    walls: dict = {name: [] for name in variants}
+    masks: dict = {}
+    print(f"decode overlapped with the next encode, both lungs, every 5, cold cache, {rounds} rounds, "
+          f"backend {models[2].runtime.backend}, load {os.getloadavg()[0]:.2f}")
+    for _ in range(rounds):
+        for name, (function, threads) in variants.items():
+            annotate_module._Run.probabilities = function
+            try:
+                started = time.perf_counter()
+                out = annotate(volume, direction, document, models[threads], EmbeddingCache()).labels
+                walls[name].append(time.perf_counter() - started)
+            finally:
+                annotate_module._Run.probabilities = sequential
+            masks.setdefault(name, out)
+            assert np.array_equal(out, masks[name]), f"{name}: labels differ between rounds"
+    base = statistics.median(walls["sequential"])
+    for name, seconds in walls.items():
+        same = np.array_equal(masks[name], masks["sequential"])
+        print(f"  {name:<30} median {statistics.median(seconds):6.2f} s  x{statistics.median(seconds) / base:.3f}  "
+              f"runs {' '.join(f'{s:.2f}' for s in seconds)}  labels identical to sequential: {same}")
+    print(f"  load after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
