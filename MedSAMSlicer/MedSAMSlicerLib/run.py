@@ -134,7 +134,7 @@ def apply_run(request: RunRequest, result: RunResult, volume_node, segmentation_
 #: The panel's "Quality" choice -> the annotate request's options (server ``requests.AnnotateOptions``).
 #: "fast": the server's defaults (with its intensity fusion, which lifted every measured target). "best": the
 #: orthogonal views on top (README "Accuracy": the thoracic spine 0.74 -> 0.84 at every 5 slices, the lungs
-#: within 0.02 either way; 4-5 times the time on a cold cache).
+#: within 0.02 either way; about 6 times the time on a cold cache).
 QUALITY_OPTIONS = {"fast": {}, "best": {"views": True}}
 QUALITIES = tuple(QUALITY_OPTIONS)
 DEFAULT_THRESHOLD = 0.5  # the probability threshold a run starts with (the server's protocol.MASK_THRESHOLD)

@@ -13,7 +13,7 @@ stage rewrites the segment's kept probabilities; the labels are written again on
   The segment's kept run (``refine.SegmentRun``) then holds the averaged probabilities, so a
   later threshold moves the fused result (the server's threshold route), not the first pass.
   Off: it lifts the thoracic spine (0.74 -> 0.84 at every 5 slices, with the fusion) but lowers
-  the left lung, and costs 4-5 times the time on a cold cache (README "Accuracy").
+  the left lung, and costs about 6 times the time on a cold cache (README "Accuracy").
 
 Frames: volumes are numpy (k, j, i); slices along an axis are (rows along v, cols along u) as in
 ``geometry.in_plane_axes``; ``spacing`` is (i, j, k) in mm as SimpleITK gives it.
