@@ -7,14 +7,16 @@ slice, a corrected box on each (cached) slice, a propagated annotation from the 
 boxes, delete. ``--whole-ct``: each reader annotates the whole CT instead, as the demo does (its own copy,
 shifted by a few HU so that no two readers share an embedding; both lungs, keyframe boxes every 5 slices,
 a corrected box on each keyframe, the annotation interpolated over all 27 lung slices). That is 34
-encoded slices a reader, 340 for the four configurations below: about 10-15 minutes on the shared
-2-core machine (2 s an encode under load), not the few minutes the slab run takes, so the slab run is
-the default and the README's figures come from it.
+encoded slices a reader: about 12 minutes on the quiet 2-core machine with three one-reader rounds, against
+a few for the slab run (the default). The README's overhead figures come from ``--whole-ct``.
 
-Measured side by side in one run, on the same Ray cluster and the same CPU:
+Measured side by side in one run on the same CPU; the one process runs with no Ray cluster up (Ray's own
+processes would take the machine's CPU from it too), the Ray path on a local cluster started as ``medsam serve
+--replicas`` starts it:
 
 - one reader: one process (``medsam serve``, ONNX Runtime on all cores) vs the Ray path with one replica
-  that holds all cores (the same compute: the ratio is the cost of the proxy -> ingress -> replica hops);
+  that holds all cores (the same compute: the ratio is the cost of Ray's processes and of the proxy ->
+  ingress -> replica hops), ``--rounds`` rounds interleaved, the ratio their median;
 - four readers at once: one process vs two replicas of one core each (torch and ONNX Runtime threads
   limited to the replica's share);
 - per replica: sessions held, cache hits and misses, slices encoded (affinity: a session's slices
@@ -26,16 +28,15 @@ embedding runs (as in ``--whole-ct``, where a reader corrects its keyframes befo
 the same once it is done, and ``/health`` round trips (the proxy -> ingress -> replica hops with no model
 work). About 3 minutes on 2 cores.
 
-Run: ``.venv/bin/python bench/ray_serve.py [--slices 6] [--readers 4] [--whole-ct | --cached-box]`` (a few
-minutes on 2 cores for the default). ``--paper [--encoder-ms 15 --decoder-ms 2]`` prints the scale on paper instead:
-one replica's model worker under N readers, simulated event by event from the per-slice costs (see
-``WorkerSim``).
+Run: ``.venv/bin/python bench/ray_serve.py [--slices 6] [--readers 4] [--rounds 3] [--whole-ct | --cached-box]``
+(a few minutes on 2 cores for the default). ``--idle SECONDS``: the CPU an idle local cluster with one replica
+takes, by process, with Ray's defaults against ``medsam serve``'s (``ray_serve.QUIET_CLUSTER``). The readers a
+GPU serves, simulated from per-slice costs: ``bench/readers_per_gpu.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import heapq
 import os
 import subprocess
 import sys
@@ -43,6 +44,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -181,7 +183,7 @@ def cached_box_run(client_module, scan, boxes: int, ray_url: str, ray_port: int,
     with one_process(ray_port + 1) as url:
         wait_ready(client_module, url)
         results["1 process"] = cached_box(client_module.MedSAMClient(url), volume, labels, direction, boxes)
-    with ray_replicas(1, cores, ray_port):
+    with cluster(cores, ray_port), ray_replicas(1, cores, ray_port):
         wait_ready(client_module, ray_url)
         shifted = (volume.astype(np.int32) + 7).astype(volume.dtype)  # no embedding carried over, come what may
         results[f"Ray, 1 replica x {cores} cores"] = cached_box(client_module.MedSAMClient(ray_url), shifted, labels,
@@ -239,179 +241,152 @@ def p(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-# ---------------------------------------------------------------------- the scale on paper
+@contextmanager
+def cluster(cores: int, port: int, env: Optional[dict] = None):
+    """A local Ray cluster as ``medsam serve --replicas`` starts it (``env`` set first: it wins), Serve on ``port``."""
+    import ray
+    from ray import serve
 
-DECODE, SEGMENT_ENCODE, ANNOTATE, PREFETCH = 0, 1, 2, 3  # the model worker's priorities, highest first
+    from medsam_server.ray_serve import init_local
 
-
-class WorkerSim:
-    """One replica's model worker under ``readers`` readers, as a discrete-event simulation.
-
-    Each reader uploads a case of ``slices`` slices (all queued for prefetch), draws ``boxes`` boxes
-    ``think_s`` apart (exponential) moving through the volume, then propagates over ``propagated`` of
-    the slices (one decoder call per slice), and starts the next case. The worker runs one step at a time
-    (an encoder slice or a decoder call): decoder calls first, then encodes a box waits for, then
-    annotate, then prefetch, as the server's worker does; no batching gain is assumed (conservative).
-    """
-
-    def __init__(self, readers: int, encoder_ms: float, decoder_ms: float, slices: int = 300, boxes: int = 40,
-                 think_s: float = 6.0, propagated: float = 0.6, seed: int = 0):
-        import random
-
-        self.rng, self.slices, self.boxes, self.think_s, self.propagated = random.Random(seed), slices, boxes, \
-            think_s, propagated
-        self.cost = {"encode": encoder_ms / 1e3, "decode": decoder_ms / 1e3}
-        self.events: list = []  # (time, order, kind, reader, payload)
-        self.queue: list = []  # (priority, order, reader, case, kind, item)
-        self.order = iter(range(1 << 62))
-        self.case, self.uploaded = [0] * readers, [0.0] * readers
-        self.encoded: list[set] = [set() for _ in range(readers)]
-        self.latency: dict[str, list[float]] = {"cached": [], "uncached": [], "prefetch": []}
-        self.busy, self.worker_free = 0.0, 0.0
-        for r in range(readers):  # readers start at random moments of a case
-            self.event(self.rng.uniform(0, boxes * think_s), "upload", r)
-
-    def event(self, when: float, kind: str, reader: int, payload=None) -> None:
-        heapq.heappush(self.events, (when, next(self.order), kind, reader, payload))
-
-    def work(self, priority: float, reader: int, kind: str, item) -> None:
-        heapq.heappush(self.queue, (priority, next(self.order), reader, self.case[reader], kind, item))
-
-    def upload(self, r: int, now: float) -> None:
-        self.case[r] += 1
-        self.encoded[r], self.uploaded[r] = set(), now
-        for k in range(self.slices):
-            self.work(PREFETCH, r, "encode", k)
-        self.event(now + self.rng.expovariate(1 / self.think_s), "box", r, 0)
-
-    def box(self, r: int, n: int, now: float) -> None:
-        k = min(self.slices - 1, n * self.slices // self.boxes)
-        if k in self.encoded[r]:
-            self.work(DECODE, r, "decode", ("cached", now))
-        else:
-            self.work(SEGMENT_ENCODE, r, "encode", k)
-            self.work(DECODE + 0.5, r, "decode", ("uncached", now))  # after its encode, before other boxes
-        if n + 1 < self.boxes:
-            self.event(now + self.rng.expovariate(1 / self.think_s), "box", r, n + 1)
-            return
-        for _ in range(int(self.propagated * self.slices)):
-            self.work(ANNOTATE, r, "decode", ("annotate", now))
-        self.event(now + self.think_s, "upload", r)
-
-    def step(self, now: float) -> None:
-        """The worker's next step, if it is free (work of a finished case is dropped)."""
-        while self.queue and self.queue[0][3] != self.case[self.queue[0][2]]:
-            heapq.heappop(self.queue)
-        if self.worker_free > now or not self.queue:
-            return
-        _, _, r, _, kind, item = heapq.heappop(self.queue)
-        if kind == "encode" and item in self.encoded[r]:
-            return self.step(now)
-        self.worker_free = now + self.cost[kind]
-        self.busy += self.cost[kind]
-        if kind == "encode":
-            self.encoded[r].add(item)
-            if len(self.encoded[r]) == self.slices:
-                self.latency["prefetch"].append(self.worker_free - self.uploaded[r])
-        elif item[0] in ("cached", "uncached"):
-            self.latency[item[0]].append((self.worker_free - item[1]) * 1e3)
-        self.event(self.worker_free, "done", r)
-
-    def run(self, hours: float = 2.0) -> dict:
-        end = hours * 3600.0
-        while self.events and self.events[0][0] <= end:
-            now, _, kind, r, payload = heapq.heappop(self.events)
-            if kind == "upload":
-                self.upload(r, now)
-            elif kind == "box":
-                self.box(r, payload, now)
-            self.step(now)
-        return {"utilisation": self.busy / end, "cached_p95_ms": p(self.latency["cached"], 95),
-                "uncached_p95_ms": p(self.latency["uncached"], 95), "prefetch_p95_s": p(self.latency["prefetch"], 95)}
+    saved = {name: os.environ.get(name) for name in env or {}}
+    os.environ.update(env or {})
+    init_local(cores, object_store_memory=200 * 2**20, log_to_driver=False, configure_logging=False)  # as serve's
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        for name, value in saved.items():  # as it was: the next cluster starts from the same environment
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
-def paper(encoder_ms: float, decoder_ms: float, counts: list[int]) -> None:
-    print(f"one replica, encoder {encoder_ms:g} ms/slice, decoder {decoder_ms:g} ms/box; readers on 300-slice "
-          "cases, 40 boxes 6 s apart, then propagation over 60 % of the slices")
-    print(f"{'readers':>8} {'busy':>6} {'cached box p95 ms':>18} {'uncached box p95 ms':>20} "
-          f"{'case prefetched p95 s':>22}")
-    for n in counts:
-        r = WorkerSim(n, encoder_ms, decoder_ms).run()
-        print(f"{n:8d} {r['utilisation']:6.0%} {r['cached_p95_ms']:18.1f} {r['uncached_p95_ms']:20.1f} "
-              f"{r['prefetch_p95_s']:22.1f}")
+def cpu_seconds() -> dict[int, tuple[float, str]]:
+    """Every process's CPU seconds so far (user + system) and its command line: pid -> (seconds, command)."""
+    tick, seconds = os.sysconf("SC_CLK_TCK"), {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as stat, open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                fields, title = stat.read().rsplit(")", 1)[1].split(), cmdline.read().replace(b"\0", b" ").decode()
+        except OSError:  # ended meanwhile
+            continue
+        seconds[int(pid)] = ((int(fields[11]) + int(fields[12])) / tick, title)
+    return seconds
+
+
+def ray_cpu(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds spent between two ``cpu_seconds`` by Ray's processes, by kind (the first kind a command
+    line names: the raylet's names the dashboard agent's too)."""
+    spent: dict[str, float] = {}
+    for pid, (seconds, title) in after.items():
+        kind = next((k for k in ("ServeController", "ProxyActor", "MedSAMIngress", "MedSAMReplica", "DashboardAgent",
+                                 "gcs_server", "raylet", "log_monitor", "dashboard") if k in title), None)
+        if kind is not None:
+            spent[kind] = spent.get(kind, 0.0) + seconds - before.get(pid, (0.0, ""))[0]
+    return spent
+
+
+def idle_run(client_module, seconds: float, port: int, cores: int) -> None:
+    """``--idle``: CPU an idle local cluster with one replica takes, with Ray's defaults and with ours."""
+    from medsam_server.ray_serve import QUIET_CLUSTER
+
+    rays_defaults = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1", "RAY_enable_metrics_collection": "1",
+                     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "100"}
+    spent = {}
+    for name, env in (("Ray's defaults", rays_defaults), ("medsam serve's", QUIET_CLUSTER)):
+        with cluster(cores, port, env), ray_replicas(1, cores, port):
+            wait_ready(client_module, f"http://127.0.0.1:{port}")
+            time.sleep(5)  # start-up settles
+            before = cpu_seconds()
+            time.sleep(seconds)
+            spent[name] = ray_cpu(before, cpu_seconds())
+    kinds = sorted({kind for figures in spent.values() for kind in figures}, key=lambda k: -spent["Ray's defaults"][k])
+    print(f"an idle local cluster with one replica: CPU seconds over {seconds:g} s, by process")
+    print(f"{'process':<18}" + "".join(f"{name:>16}" for name in spent))
+    for kind in kinds:
+        print(f"{kind:<18}" + "".join(f"{figures.get(kind, 0.0):16.2f}" for figures in spent.values()))
+    totals = [sum(figures.values()) for figures in spent.values()]
+    print(f"{'all':<18}" + "".join(f"{total:16.2f}" for total in totals))
+    print(f"share of {cores} cores: " + ", ".join(f"{name} {total / seconds / cores:.1%}" for name, total in
+                                             zip(spent, totals)) + f"; ours {totals[1] / totals[0]:.2f}x Ray's")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, default=6, help="slices per reader (default 6)")
     parser.add_argument("--readers", type=int, default=4, help="readers at once (default 4)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="one-reader rounds, one process and Ray interleaved; the ratio is their median (3)")
     parser.add_argument("--whole-ct", action="store_true",
                         help="each reader annotates the whole CT (keyframes every 5 slices): ~10-15 min on 2 cores")
     parser.add_argument("--cached-box", action="store_true",
                         help="only a cached-slice box's latency, one process vs Ray side by side (~3 min)")
     parser.add_argument("--boxes", type=int, default=20, help="boxes per figure of --cached-box (default 20)")
-    parser.add_argument("--paper", action="store_true",
-                        help="only the simulated scale: readers per replica from per-slice costs (no Ray)")
-    parser.add_argument("--encoder-ms", type=float, default=15.0, help="for --paper (default: an H100's 15)")
-    parser.add_argument("--decoder-ms", type=float, default=2.0, help="for --paper (default: an H100's 2)")
+    parser.add_argument("--idle", type=float, metavar="SECONDS",
+                        help="only the CPU an idle cluster takes over SECONDS: Ray's defaults against ours")
     args = parser.parse_args()
-    if args.paper:
-        paper(args.encoder_ms, args.decoder_ms, [1, 10, 20, 30, 40, 45, 50, 60])
-        return 0
     if not (args.whole_ct or args.cached_box) and FIRST_SLICE + args.readers * args.slices > 34:
         parser.error("CTChest4 has 27 slices with both lungs (7..33): readers x slices must be at most 27")
 
-    import ray
-    from ray import serve
-
-    from medsam_server.ray_serve import init_local
-
     client_module = load_client()
-    scan = ct_chest()
     cores = os.cpu_count() or 1
-    init_local(cores, object_store_memory=200 * 2**20, log_to_driver=False, configure_logging=False)  # as serve's
     ray_port = 18000 + os.getpid() % 1000
-    serve.start(http_options={"host": "127.0.0.1", "port": ray_port})
     ray_url = f"http://127.0.0.1:{ray_port}"
+    if args.idle:
+        idle_run(client_module, args.idle, ray_port, cores)
+        return 0
+    scan = ct_chest()
     if args.cached_box:
         cached_box_run(client_module, scan, args.boxes, ray_url, ray_port, cores)
-        serve.shutdown()
-        ray.shutdown()
         return 0
-    results: dict[str, tuple[float, list[float]]] = {}
-    with one_process(ray_port + 1) as url:
-        wait_ready(client_module, url)
-        results["1 process, 1 reader"] = readers(client_module, url, 1, args.slices, scan, args.whole_ct)
-        results[f"1 process, {args.readers} readers"] = readers(client_module, url, args.readers, args.slices, scan,
-                                                               args.whole_ct)
-        alone = client_module.MedSAMClient(url).info()  # after both runs, as the replicas' after theirs
-    with ray_replicas(1, cores, ray_port):
-        wait_ready(client_module, ray_url)
-        results[f"Ray, 1 replica x {cores} cores, 1 reader"] = readers(client_module, ray_url, 1, args.slices, scan,
-                                                                       args.whole_ct)
-    with ray_replicas(2, cores / 2, ray_port):
-        wait_ready(client_module, ray_url)
-        key = f"Ray, 2 replicas x {cores / 2:g} core, {args.readers} readers"
-        results[key] = readers(client_module, ray_url, args.readers, args.slices, scan, args.whole_ct)
-        replicas = client_module.MedSAMClient(ray_url).info()["replicas"]
+
+    def alone(count: int) -> tuple[tuple[float, list[float]], dict]:
+        """``count`` readers on one process, no Ray cluster up (it would take the machine's CPU too)."""
+        with one_process(ray_port + 1) as url:
+            wait_ready(client_module, url)
+            result = readers(client_module, url, count, args.slices, scan, args.whole_ct)
+            return result, client_module.MedSAMClient(url).info()
+
+    def over_ray(count: int, replicas: int) -> tuple[tuple[float, list[float]], list]:
+        with cluster(cores, ray_port), ray_replicas(replicas, cores / replicas, ray_port):
+            wait_ready(client_module, ray_url)
+            result = readers(client_module, ray_url, count, args.slices, scan, args.whole_ct)
+            return result, client_module.MedSAMClient(ray_url).info()["replicas"]
+
+    one, ray_one = "1 process, 1 reader", f"Ray, 1 replica x {cores} cores, 1 reader"
+    results: dict[str, list[tuple[float, list[float]]]] = {one: [], ray_one: []}
+    for _ in range(args.rounds):  # interleaved: the machine's drift falls on both alike
+        results[one].append(alone(1)[0])
+        results[ray_one].append(over_ray(1, 1)[0])
+    many, info = alone(args.readers)
+    results[f"1 process, {args.readers} readers"] = [many]
+    many, replicas = over_ray(args.readers, 2)
+    results[f"Ray, 2 replicas x {cores / 2:g} core, {args.readers} readers"] = [many]
 
     work = "the whole CT (34 slices, keyframes every 5)" if args.whole_ct else f"{args.slices} slices"
-    print(f"{args.readers} readers x {work} of CTChest4 (128x128), LiteMedSAM on {cores} CPU cores")
-    print(f"{'configuration':<42} {'wall s':>8} {'cached box p50 ms':>18} {'p95 ms':>8}")
-    for name, (wall, cached) in results.items():
-        print(f"{name:<42} {wall:8.1f} {p(cached, 50):18.1f} {p(cached, 95):8.1f}")
-    walls = [wall for wall, _ in results.values()]
-    print(f"Ray path overhead, one reader (same compute): {walls[2] / walls[0]:.3f}x the one process's wall time")
-    print(f"{args.readers} readers: 2 replicas take {walls[3] / walls[1]:.3f}x the one process's wall time")
-    cache, worker = alone["cache"], alone["worker"]
-    print(f"1 process (1 + {args.readers} readers): cache hits {cache['hits']}, misses {cache['misses']}, "
+    print(f"{args.readers} readers x {work} of CTChest4 (128x128), LiteMedSAM on {cores} CPU cores; "
+          "one process runs with no Ray cluster up")
+    print(f"{'configuration':<42} {'wall s':>20} {'cached box p50 ms':>18} {'p95 ms':>8}")
+    for name, runs in results.items():
+        cached = [ms for _, times in runs for ms in times]
+        walls = " / ".join(f"{wall:.1f}" for wall, _ in runs)
+        print(f"{name:<42} {walls:>20} {p(cached, 50):18.1f} {p(cached, 95):8.1f}")
+    ratios = [ray[0] / alone_[0] for alone_, ray in zip(results[one], results[ray_one])]
+    print(f"Ray path overhead, one reader (same compute): {float(np.median(ratios)):.3f}x the one process's wall "
+          f"time (median of rounds: {', '.join(f'{r:.3f}' for r in ratios)})")
+    walls = [runs[0][0] for runs in list(results.values())[2:]]
+    print(f"{args.readers} readers: 2 replicas take {walls[1] / walls[0]:.3f}x the one process's wall time")
+    cache, worker = info["cache"], info["worker"]
+    print(f"1 process ({args.readers} readers): cache hits {cache['hits']}, misses {cache['misses']}, "
           f"slices encoded {worker['encoded_slices']}")
     for replica in replicas:  # the aggregate figures every caller may see, with or without tokens
         load = replica["load"]
         print(f"replica {replica['replica']} ({load['threads']} threads): cache hits {load['cache_hits']}, "
               f"misses {load['cache_misses']}, slices encoded {load['encoded_slices']}")
-    serve.shutdown()
-    ray.shutdown()
     return 0
 
 

@@ -83,6 +83,13 @@ def server_app(settings):
 #: than its process (``worker.ENCODER_NICE``), so at 15 the encoder sat at 19, a 2.4:1 CPU share over the request
 #: path instead of one process's 9:1. A local cluster of ours runs its workers at nice 0, as one process runs.
 WORKER_NICENESS = {"RAY_worker_niceness": "0"}
+#: What an idle local cluster spends CPU on, measured with one replica (``bench/ray_serve.py --idle``): Serve's
+#: controller reconciling 10 times a second, Ray's metrics (GCS, dashboard agent) and each Serve actor's metrics
+#: export 10 times a second: 5-6 % of a 2-core machine together, taken from the model. A local cluster of ours
+#: reconciles twice a second (a dead replica is noticed 0.4 s later), collects no Prometheus metrics (``/info``
+#: reports ours) and exports Serve's once a second; a variable the user has set wins.
+QUIET_CLUSTER = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_enable_metrics_collection": "0",
+                 "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
 QUIET = {"enable_access_log": False}  # a log line per request and hop costs more than the hop on a small machine
 
 
@@ -352,8 +359,10 @@ def build(args: dict[str, Any]) -> serve.Application:
 
 def init_local(num_cpus: int, **options: Any) -> None:
     """Start a local Ray cluster for the server: no dashboard (it accepts jobs from whoever reaches its port),
-    and Ray's worker processes at the nice value of this one (``WORKER_NICENESS``)."""
+    Ray's worker processes at the nice value of this one (``WORKER_NICENESS``), little idle work (``QUIET_CLUSTER``)."""
     os.environ.update(WORKER_NICENESS)  # read by the raylet and by each worker process it starts
+    for name, value in QUIET_CLUSTER.items():
+        os.environ.setdefault(name, value)
     ray.init(include_dashboard=False, num_cpus=num_cpus, **options)
 
 

@@ -25,7 +25,7 @@ serve = pytest.importorskip("ray.serve", reason="the Ray tests need the ray extr
 from engine_data import LEFT_LUNG, RIGHT_LUNG, bounding_box, ct_volume  # noqa: E402
 from medsam_server.app import Settings  # noqa: E402
 from medsam_server.ray_routing import Gate, Placement, Router  # noqa: E402
-from medsam_server.ray_serve import APP_NAME, REPLICA_HEADER, ScaleOut, application, init_local  # noqa: E402
+from medsam_server.ray_serve import APP_NAME, QUIET_CLUSTER, REPLICA_HEADER, ScaleOut, application, init_local  # noqa: E402
 from medsam_server.worker import ENCODER_NICE, MAX_NICE, _yield_cpu_to_decoding  # noqa: E402
 from server_harness import free_port, load_client_module, running_server  # noqa: E402
 
@@ -215,6 +215,20 @@ def test_the_request_path_runs_at_our_priority_and_each_replica_encodes_below_it
     encoder = min(MAX_NICE, own + ENCODER_NICE)
     for pid in path[f"ray::ServeReplica:{APP_NAME}:MedSAMReplica"]:  # the process's threads and its encoder's
         assert {_nice(pid, int(tid)) for tid in os.listdir(f"/proc/{pid}/task")} == {own, encoder}
+
+
+def test_the_local_cluster_runs_serve_with_little_idle_work(cluster):
+    """Serve's controller reconciles twice a second, not ten times, and Ray collects no Prometheus metrics: the
+    settings reach the processes that read them (``bench/ray_serve.py --idle`` measures what they save)."""
+    processes = _descendants()
+    serve_processes = [pid for pid, command in processes.items()
+                       if command.startswith(("ray::ServeController", "ray::ProxyActor", "ray::ServeReplica"))]
+    assert len(serve_processes) == 5, processes  # the controller, the proxy, the ingress, 2 model replicas
+    for pid in serve_processes + [pid for pid, command in processes.items() if "gcs_server" in command]:
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            environment = dict(entry.split(b"=", 1) for entry in handle.read().split(b"\0") if b"=" in entry)
+        for name, value in QUIET_CLUSTER.items():
+            assert environment.get(name.encode()) == value.encode(), (processes[pid], name)
 
 
 def test_on_a_cluster_of_nice_15_workers_the_encoder_still_yields_to_the_decoder():
