@@ -86,8 +86,8 @@ WORKER_NICENESS = {"RAY_worker_niceness": "0"}
 #: What an idle local cluster spends CPU on, measured with one replica (``bench/ray_serve.py --idle``): Serve's
 #: controller reconciling 10 times a second, Ray's metrics (GCS, dashboard agent) and each Serve actor's metrics
 #: export 10 times a second: 5-6 % of a 2-core machine together, taken from the model. A local cluster of ours
-#: reconciles twice a second (a dead replica is noticed 0.4 s later), collects no Prometheus metrics (``/info``
-#: reports ours) and exports Serve's once a second; a variable the user has set wins.
+#: reconciles twice a second (a dead replica is noticed up to 0.4 s later), collects no Prometheus metrics
+#: (``/info`` reports ours) and exports Serve's once a second; a variable the user has set wins.
 QUIET_CLUSTER = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_enable_metrics_collection": "0",
                  "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
 QUIET = {"enable_access_log": False}  # a log line per request and hop costs more than the hop on a small machine
