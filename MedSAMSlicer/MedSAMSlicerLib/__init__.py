@@ -2,4 +2,4 @@
 
 #: The Lib's modules, each after those it imports (the module's Reload reloads them in this order).
 MODULES = ("errors", "protocol", "processes", "geometry", "keyframes", "terminology", "segments", "envelope",
-           "client", "run", "local_server", "install", "reference", "review", "timing")
+           "transport", "client", "run", "local_server", "install", "reference", "review", "timing")

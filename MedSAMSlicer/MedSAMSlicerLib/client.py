@@ -25,7 +25,7 @@ upload again), :class:`SessionLost` (the server lost it: upload again), :class:`
 server's message. A failed or cancelled ``annotate`` returns nothing, so a caller never applies
 half a result, and any failure after its job was created cancels that job on the server.
 
-Timeouts: every connection gets ``CONNECT_TIMEOUT`` s to open; control calls (health, info,
+Timeouts: every connection gets ``transport.CONNECT_TIMEOUT`` s to open; control calls (health, info,
 session, delete, cancel, job status) ``CONTROL_TIMEOUT`` s to answer, a long poll its wait +
 ``CONTROL_TIMEOUT``, an upload ``UPLOAD_BASE_TIMEOUT`` + its size at ``UPLOAD_MIN_RATE``, a segment
 ``SEGMENT_BASE_TIMEOUT`` + ``SEGMENT_SLICE_TIMEOUT`` per slice it names (each may wait for the encoder),
@@ -38,22 +38,17 @@ The binary envelope is ``envelope`` (the Lib's copy of ``medsam_server.wire``); 
 
 from __future__ import annotations
 
-import http.client
 import json
 import math
-import socket
 import threading
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from . import protocol
+from . import protocol, transport
 from .envelope import decode_envelope, encode_envelope, wire_array
 from .errors import (
     AuthError,
@@ -69,8 +64,13 @@ from .errors import (
 )
 from .protocol import API_VERSION, API_VERSION_HEADER, ENVELOPE_TYPE, LABEL_DTYPES, SESSION_KEY_HEADER
 
+__all__ = [  # the client and the errors it raises (they live in ``errors``; callers take them from here)
+    "AuthError", "Cancelled", "MedSAMClient", "MedSAMClientError", "Masks", "RequestTooLarge", "ServerBusy",
+    "ServerError", "ServerNotRunning", "Session", "SessionLost", "UnknownSession", "VersionMismatch",
+    "decode_envelope", "encode_envelope", "upload_timeout", "wire_array",
+]
+
 DEFAULT_URL = "http://127.0.0.1:8765"
-CONNECT_TIMEOUT = 3.0  # seconds to open a connection: a loopback or LAN server connects in milliseconds
 CONTROL_TIMEOUT = 10.0  # seconds a control call (no model work) may take to answer
 CANCEL_TIMEOUT = 5.0  # a cancel, often sent on an error path, must not hold up the error
 UPLOAD_BASE_TIMEOUT = 30.0
@@ -122,10 +122,7 @@ class MedSAMClient:
         self.retries = retries
         self.backoff = backoff
         self.poll_interval = poll_interval
-        handlers: list = [_HTTPHandler(), _HTTPSHandler()]
-        if parsed.hostname in ("127.0.0.1", "localhost", "::1"):
-            handlers.append(urllib.request.ProxyHandler({}))  # a system proxy must not see loopback traffic
-        self._opener = urllib.request.build_opener(*handlers)
+        self._opener = transport.opener(parsed.hostname)
         self._info: dict | None = None
         self._lock = threading.Lock()
 
@@ -399,106 +396,14 @@ class MedSAMClient:
         if content_type:
             headers["Content-Type"] = content_type
         if cancel is not None and body:
-            headers["Content-Length"] = str(len(body))
-        for attempt in range(self.retries + 1):
-            data = _cancellable_chunks(body, cancel) if cancel is not None and body else body
-            request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
-            try:
-                with self._opener.open(request, timeout=timeout or self.timeout) as response:
-                    return response.status, response.headers, response.read()
-            except urllib.error.HTTPError as err:
-                raise self._http_error(err.code, err.read(), what) from None
-            except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
-                reason = err.reason if isinstance(err, urllib.error.URLError) else err
-                if isinstance(reason, ConnectionRefusedError):
-                    if attempt < self.retries:
-                        time.sleep(self.backoff * 2 ** attempt)
-                        continue
-                    raise ServerNotRunning(f"cannot reach the MedSAM server at {self.url}: connection refused. "
-                                           "Is it running? Start it with `medsam serve` (or the module's "
-                                           "Start server button).") from None
-                if isinstance(reason, (socket.timeout, TimeoutError)):
-                    raise ServerNotRunning(f"the MedSAM server at {self.url} did not answer {what} within "
-                                           f"{timeout or self.timeout:.0f} s.") from None
-                raise ServerNotRunning(f"lost the connection to the MedSAM server at {self.url} during {what} "
-                                       f"({type(reason).__name__}: {reason}); the server may have stopped.") from None
-        raise AssertionError("unreachable")
-
-    def _http_error(self, status: int, body: bytes, what: str) -> MedSAMClientError:
-        try:
-            answer = json.loads(body.decode("utf-8"))
-            message, code = str(answer.get("error") or answer.get("detail")), str(answer.get("code", ""))
-        except (ValueError, AttributeError):
-            message, code = body[:300].decode("utf-8", "replace") or http.client.responses.get(status, ""), ""
-        if code == "version_mismatch":
-            return VersionMismatch(f"{message} (server {self.url})")
-        if status == 401:
-            return AuthError(f"the MedSAM server at {self.url} needs a token; set it in the module's settings")
-        if status == 403 and message.startswith("Host "):  # a token-less server reached by another name
-            return AuthError(f"{message} (use http://127.0.0.1:<port> or set a token)")
-        if status == 403:
-            return AuthError(f"wrong token for the MedSAM server at {self.url}")
-        if status == 429 or code == "busy":
-            return ServerBusy(status, message, code)
-        if status == 410 and code == "session_lost":
-            return SessionLost(status, message, code)
-        if status == 413:
-            return RequestTooLarge(f"{what} is too large for the server: {message}")
-        if status == 404 and code == "unknown_session":
-            return UnknownSession(status, message, code)
-        if code == "cancelled":
-            return Cancelled(message)
-        return ServerError(status, message, code)
+            headers["Content-Length"] = str(len(body))  # the body is then sent in chunks (transport.send)
+        return transport.send(self._opener, self.url, method, path, body, headers, timeout or self.timeout,
+                              cancel, self.retries, self.backoff, what)
 
 
 def upload_timeout(size: int) -> float:
     """Seconds a request body of ``size`` bytes may take to be sent and answered."""
     return UPLOAD_BASE_TIMEOUT + size / UPLOAD_MIN_RATE
-
-
-class _ConnectTimeout:
-    """An HTTP(S) connection that gets ``CONNECT_TIMEOUT`` to open, then the request's own timeout for reads."""
-
-    def connect(self) -> None:
-        read_timeout = self.timeout
-        if isinstance(read_timeout, (int, float)):
-            self.timeout = min(CONNECT_TIMEOUT, read_timeout)
-        try:
-            super().connect()
-        finally:
-            self.timeout = read_timeout
-        if isinstance(read_timeout, (int, float)):
-            self.sock.settimeout(read_timeout)
-
-
-class _HTTPConnection(_ConnectTimeout, http.client.HTTPConnection):
-    pass
-
-
-class _HTTPSConnection(_ConnectTimeout, http.client.HTTPSConnection):
-    pass
-
-
-class _HTTPHandler(urllib.request.HTTPHandler):
-    def http_open(self, req):
-        return self.do_open(_HTTPConnection, req)
-
-
-class _HTTPSHandler(urllib.request.HTTPSHandler):
-    def https_open(self, req):
-        return self.do_open(_HTTPSConnection, req, context=self._context)
-
-
-UPLOAD_CHUNK_BYTES = 64 << 10  # how often a cancellable upload looks at its flag (and takes the GIL)
-
-
-def _cancellable_chunks(body: bytes, cancel: threading.Event):
-    """A request body that http.client sends chunk by chunk, and that stops the request once ``cancel`` is set."""
-    view = memoryview(body)
-    for start in range(0, len(view), UPLOAD_CHUNK_BYTES):
-        if cancel.is_set():
-            raise Cancelled("the upload was cancelled; the server keeps nothing of it")
-        yield view[start:start + UPLOAD_CHUNK_BYTES]
 
 
 def _path(route: str, session: Session, job: str = "") -> str:

@@ -20,7 +20,7 @@ slicer = pytest.importorskip("slicer")
 pytest.importorskip("medsam_server")
 
 from MedSAMSlicerLib import client as medsam_client  # noqa: E402
-from MedSAMSlicerLib import keyframes, local_server, run, segments  # noqa: E402
+from MedSAMSlicerLib import keyframes, local_server, run, segments, transport  # noqa: E402
 
 
 def _lung_request(scene, ct_volume, slices=(12, 22, 31)):
@@ -145,8 +145,9 @@ def test_a_lost_session_after_the_retry_raises_and_writes_nothing(scene, ct_volu
     class LosingClient(medsam_client.MedSAMClient):
         def annotate(self, session, document, **kwargs):
             annotate_calls.append(session.id)
-            raise self._http_error(410, b'{"error": "the server lost session \'x\' (its replica stopped): upload the '
-                                        b'volume again", "code": "session_lost"}', "the annotate request")
+            raise transport.http_error(self.url, 410, b'{"error": "the server lost session \'x\' (its replica '
+                                       b'stopped): upload the volume again", "code": "session_lost"}',
+                                       "the annotate request")
 
     losing = LosingClient(client.url, token=local.token)
     segmentation_node, segment_id, request = _lung_request(scene, ct_volume)
