@@ -304,7 +304,8 @@ def idle_run(client_module, seconds: float, port: int, cores: int) -> None:
             before = cpu_seconds()
             time.sleep(seconds)
             spent[name] = ray_cpu(before, cpu_seconds())
-    kinds = sorted({kind for figures in spent.values() for kind in figures}, key=lambda k: -spent["Ray's defaults"][k])
+    kinds = sorted({kind for figures in spent.values() for kind in figures},
+                   key=lambda kind: -spent["Ray's defaults"].get(kind, 0.0))
     print(f"an idle local cluster with one replica: CPU seconds over {seconds:g} s, by process")
     print(f"{'process':<18}" + "".join(f"{name:>16}" for name in spent))
     for kind in kinds:
